@@ -1,0 +1,1 @@
+"""Ember's data preparation: ingest, clean, filter, deduplicate, train a tokenizer, pack."""

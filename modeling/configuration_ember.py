@@ -1,0 +1,226 @@
+"""Configuration of the Ember decoder-only language model.
+
+`EmberConfig` is the single source of truth for an Ember model: every architectural switch the
+LLaMA / GPT-2 / PaLM families differ on lives here, and the modeling code reads nothing else.
+Named presets (`EmberConfig.from_preset`) give the standard shapes.
+
+This file is also shipped next to saved checkpoints as remote code, so it imports only from
+`transformers`, `huggingface_hub` and the standard library.
+"""
+
+from typing import Any, ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+POSITION_EMBEDDING_TYPES = ("rope", "alibi", "learned", "sinusoidal")
+NORM_TYPES = ("rmsnorm", "layernorm")
+MLP_TYPES = ("swiglu", "gelu")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Backends that accept an additive float bias as their attention mask (ALiBi needs one).
+BIAS_CAPABLE_ATTENTION = ("eager", "sdpa")
+
+# Shapes follow the published models they are named after: "1b" is TinyLlama-1.1B, "7b" is
+# LLaMA-2-7B, "gpt2-124m" is GPT-2 small (LayerNorm, learned positions, GELU, MHA, biases).
+PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(
+        vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    ),
+    "125m": dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
+    ),
+    "350m": dict(
+        vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+    ),
+    "1b": dict(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+        norm_eps=1e-5,
+    ),
+    "7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+        norm_eps=1e-5,
+    ),
+    "gpt2-124m": dict(
+        vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+        position_embedding_type="learned", norm_type="layernorm", norm_eps=1e-5, mlp_type="gelu",
+        attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+        bos_token_id=50256, eos_token_id=50256,
+    ),
+}
+
+
+@strict
+class EmberConfig(PreTrainedConfig):
+    r"""
+    Configuration of an Ember model. Defaults are LLaMA-2-7B's architecture choices.
+
+    Args:
+        vocab_size: Number of token ids.
+        hidden_size: Width of the residual stream.
+        intermediate_size: Width of the MLP (of each expert, for MoE).
+        num_hidden_layers: Number of decoder layers.
+        num_attention_heads: Number of query heads.
+        num_key_value_heads: Key/value heads: equal to `num_attention_heads` for MHA, 1 for MQA,
+            anything dividing it for GQA. Defaults to `num_attention_heads`.
+        head_dim: Per-head width. Defaults to `hidden_size // num_attention_heads`.
+        max_position_embeddings: Longest sequence the model is meant for (size of the learned
+            position table; reference length for RoPE scaling).
+        rope_parameters: RoPE settings, `{"rope_type": ..., "rope_theta": ..., ...}` with
+            `rope_type` one of default / linear / dynamic / yarn / llama3 (transformers' RoPE
+            functions compute the frequencies). Only used with `position_embedding_type="rope"`.
+        position_embedding_type: "rope" | "alibi" | "learned" | "sinusoidal".
+        norm_type: "rmsnorm" | "layernorm" (LayerNorm carries a bias, as in GPT-2).
+        norm_eps: Epsilon of every normalisation layer.
+        mlp_type: "swiglu" (gated: down(act(gate(x)) * up(x))) | "gelu" (down(act(up(x)))).
+        hidden_act: Activation of the MLP. Defaults to "silu" for swiglu, "gelu_pytorch_tanh"
+            (GPT-2's tanh approximation) for gelu.
+        sliding_window: If set, each token attends to at most this many previous tokens.
+        attention_bias / mlp_bias: Biases on the attention / MLP projections.
+        attention_dropout: Dropout on attention probabilities (training only).
+        hidden_dropout: Dropout on the embeddings and on each residual branch (training only).
+        tie_word_embeddings: Share the input embedding matrix with the output head.
+        initializer_range: Standard deviation of the normal initialisation of weight matrices.
+        num_local_experts: Number of MoE experts per layer; 0 means a dense MLP.
+        num_experts_per_tok: Experts each token is routed to (top-k).
+        router_aux_loss_coef: Weight of the load-balancing loss added to the LM loss in training.
+        output_router_logits: Return router logits (and the aux loss) from every forward.
+    """
+
+    model_type = "ember"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values"]
+    base_model_tp_plan: ClassVar[dict[str, str]] = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_pp_plan: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_parameters: RopeParameters | dict | None = None
+    position_embedding_type: str = "rope"
+    norm_type: str = "rmsnorm"
+    norm_eps: float = 1e-6
+    mlp_type: str = "swiglu"
+    hidden_act: str | None = None
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.01
+    output_router_logits: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.hidden_act is None:
+            self.hidden_act = "silu" if self.mlp_type == "swiglu" else "gelu_pytorch_tanh"
+        # Check Ember's own rules first: they raise a plain one-line ValueError naming the field.
+        self.check_architecture()
+        super().__post_init__(**kwargs)
+
+    def check_architecture(self) -> None:
+        """Raise a one-line `ValueError` naming the field if the settings cannot build a model."""
+        _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads: {self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.position_embedding_type == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(f"head_dim: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2 != 0:
+            raise ValueError(f"hidden_size: sinusoidal positions need an even width, got {self.hidden_size}")
+        rope_type = (self.rope_parameters or {}).get("rope_type", (self.rope_parameters or {}).get("type"))
+        if rope_type is not None and rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_parameters.rope_type: expected one of {ROPE_TYPES}, got {rope_type!r}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window: must be a positive integer or None, got {self.sliding_window}")
+        if self.position_embedding_type == "alibi":
+            if self.sliding_window is not None:
+                raise ValueError("sliding_window: not supported together with position_embedding_type='alibi'")
+            check_attention_backend(self)
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.num_local_experts < 0:
+            raise ValueError(f"num_local_experts: must be >= 0, got {self.num_local_experts}")
+        if self.num_local_experts > 0 and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok: must be in [1, num_local_experts={self.num_local_experts}], "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.num_local_experts > 0 and self.mlp_type != "swiglu":
+            raise ValueError("mlp_type: MoE experts are SwiGLU; set mlp_type='swiglu' when num_local_experts > 0")
+
+    def validate_architecture(self) -> None:
+        """Part of transformers' `@strict` validation (runs again on save)."""
+        self.check_architecture()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EmberConfig":
+        """Build a config from a named preset (see `PRESETS`), with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown name {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_local_experts > 0
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{field}: expected one of {choices}, got {value!r}")
+
+
+def check_attention_backend(config: EmberConfig) -> None:
+    """ALiBi adds a per-head bias to the scores; only backends taking a float mask can apply it."""
+    backend = getattr(config, "_attn_implementation", None)
+    if config.position_embedding_type == "alibi" and backend is not None and backend not in BIAS_CAPABLE_ATTENTION:
+        raise ValueError(
+            f"attn_implementation: position_embedding_type='alibi' needs a backend that takes an additive "
+            f"bias {BIAS_CAPABLE_ATTENTION}, got {backend!r}"
+        )
+
+
+__all__ = ["EmberConfig", "PRESETS"]
