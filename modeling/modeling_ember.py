@@ -374,6 +374,16 @@ class EmberPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EmberTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # transformers records only the saved class's Auto entry; one checkpoint serves both the
+        # bare model and the LM head, so list both whenever the code files travel with it.
+        if self._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"modeling_ember.{EmberModel.__name__}")
+            auto_map.setdefault("AutoModelForCausalLM", f"modeling_ember.{EmberForCausalLM.__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
 
 class EmberModel(EmberPreTrainedModel):
     def __init__(self, config: EmberConfig):

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny Ember configs that build and run in milliseconds on CPU."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(**overrides) -> EmberConfig:
+    return EmberConfig.from_preset("nano", **{**TINY, **overrides})
+
+
+def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) -> EmberForCausalLM:
+    torch.manual_seed(seed)
+    model = EmberForCausalLM._from_config(tiny_config(**overrides), attn_implementation=attn_implementation)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
