@@ -1,0 +1,324 @@
+"""Convert checkpoints between Ember and transformers' stock LLaMA-family classes.
+
+    python -m modeling.convert to-hf SRC DST     # Ember -> LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM
+    python -m modeling.convert from-hf SRC DST   # stock Llama / Mistral / Mixtral -> EmberForCausalLM
+
+Ember's module names are those of `LlamaForCausalLM` (and its MoE layers are laid out as
+`MixtralForCausalLM` keeps them in memory), so both directions copy the state dict key for key,
+with a strict check, and only the config needs translating.
+
+Which stock class `to-hf` writes:
+
+* `LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU with SiLU, any head layout; biases allowed.
+* `MistralForCausalLM`: the same with `sliding_window` set, and no biases.
+* `MixtralForCausalLM`: `num_local_experts > 0` (with or without a sliding window), no attention bias.
+
+Settings no stock class can express (ALiBi / learned / sinusoidal positions, LayerNorm, the plain
+GELU MLP, biases on Mistral / Mixtral) raise a one-line `ValueError` naming the field. So does an
+activation other than SiLU: transformers would honour `hidden_act`, but vLLM and llama.cpp assume
+SiLU for these architectures and would run a different model.
+
+`hidden_dropout` is dropped with a warning: it is training-only, so the exported model computes
+exactly what Ember does at inference. `attention_dropout` maps as is.
+
+The exported `config.json` carries, next to transformers 5.x's `rope_parameters`, the legacy keys
+older readers look for (transformers 4.x, vLLM, TGI, llama.cpp's convert script): a top-level
+`rope_theta`, a `rope_scaling` dict when the RoPE type is not "default", and `torch_dtype`. It
+has no `auto_map` and no code files, so it loads without `trust_remote_code`. Mixtral weights are
+saved by transformers in Mixtral's original per-expert layout (`block_sparse_moe.experts.N.w1`),
+which those readers expect.
+"""
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+
+from . import EmberConfig, EmberForCausalLM
+
+# Fields spelled the same, with the same meaning, in Ember and in the stock configs.
+SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "hidden_act",
+    "attention_dropout",
+    "tie_word_embeddings",
+    "initializer_range",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits")
+STOCK_CLASSES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "mixtral": (MixtralConfig, MixtralForCausalLM),
+}
+# Files copied verbatim from SRC to DST when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+GENERATION_CONFIG_FILE = "generation_config.json"
+EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py")
+
+
+def stock_model_type(config: EmberConfig) -> str:
+    """The stock `model_type` ("llama", "mistral" or "mixtral") that can hold this Ember config."""
+    if config.num_local_experts > 0:
+        return "mixtral"
+    if config.sliding_window is not None:
+        return "mistral"
+    return "llama"
+
+
+def ember_config_to_hf(config: EmberConfig) -> PreTrainedConfig:
+    """Translate an Ember config into the equivalent `LlamaConfig`, `MistralConfig` or `MixtralConfig`.
+
+    Raises a one-line `ValueError` naming the field for settings the stock class cannot express.
+    """
+    model_type = stock_model_type(config)
+    config_class, model_class = STOCK_CLASSES[model_type]
+    target = model_class.__name__
+    _check_exportable(config, model_type, target)
+
+    kwargs = {name: getattr(config, name) for name in SHARED_FIELDS}
+    kwargs["rms_norm_eps"] = config.norm_eps
+    kwargs["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters))
+    if model_type == "llama":
+        kwargs["attention_bias"] = config.attention_bias
+        kwargs["mlp_bias"] = config.mlp_bias
+    else:
+        kwargs["sliding_window"] = config.sliding_window
+    if model_type == "mixtral":
+        kwargs.update({name: getattr(config, name) for name in MOE_FIELDS})
+        kwargs["router_jitter_noise"] = 0.0
+    if config.hidden_dropout > 0:
+        warnings.warn(
+            f"hidden_dropout={config.hidden_dropout} is dropped: {target} has no residual dropout. It is "
+            "training-only, so inference is unchanged; fine-tuning the export runs without it.",
+            UserWarning,
+            stacklevel=2,
+        )
+    return config_class(**kwargs)
+
+
+def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None:
+    """Raise a one-line `ValueError` naming the first field `target` cannot express."""
+    required = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu"}
+    for name, value in required.items():
+        if getattr(config, name) != value:
+            raise ValueError(
+                f"{name}: {getattr(config, name)!r} has no stock transformers equivalent ({target} needs {value!r})"
+            )
+    if model_type == "llama" and config.hidden_size % config.num_attention_heads != 0:
+        raise ValueError(
+            f"num_attention_heads: {target} needs hidden_size={config.hidden_size} divisible by "
+            f"num_attention_heads={config.num_attention_heads}"
+        )
+    if model_type != "llama" and config.attention_bias:
+        raise ValueError(f"attention_bias: {target} has no attention biases")
+    # MoE experts never carry biases, so mlp_bias only matters for a dense MLP.
+    if model_type == "mistral" and config.mlp_bias:
+        raise ValueError(f"mlp_bias: {target} has no MLP biases")
+
+
+def hf_config_to_ember(config: PreTrainedConfig) -> EmberConfig:
+    """Translate a stock `LlamaConfig`, `MistralConfig` or `MixtralConfig` into the equivalent `EmberConfig`."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in STOCK_CLASSES:
+        raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)}, got {model_type!r}")
+    kwargs = {name: getattr(config, name) for name in SHARED_FIELDS}
+    kwargs["norm_eps"] = config.rms_norm_eps
+    # transformers keeps the legacy "type" alias next to "rope_type" when it read a `rope_scaling` dict.
+    rope_parameters = copy.deepcopy(dict(config.rope_parameters or {}))
+    rope_parameters.pop("type", None)
+    kwargs["rope_parameters"] = rope_parameters
+    if model_type == "llama":
+        kwargs["attention_bias"] = config.attention_bias
+        kwargs["mlp_bias"] = config.mlp_bias
+    else:
+        kwargs["sliding_window"] = config.sliding_window
+    if model_type == "mixtral":
+        kwargs.update({name: getattr(config, name) for name in MOE_FIELDS})
+        if config.router_jitter_noise > 0:
+            warnings.warn(
+                f"router_jitter_noise={config.router_jitter_noise} is dropped: Ember's router has none. It is "
+                "training-only, so inference is unchanged.",
+                UserWarning,
+                stacklevel=2,
+            )
+    return EmberConfig(**kwargs)
+
+
+def to_hf(src: str | Path, dst: str | Path) -> str:
+    """Convert the Ember checkpoint in `src` to a stock transformers checkpoint in `dst`.
+
+    Weights keep the checkpoint's dtype. Tokenizer files and `generation_config.json` are copied.
+    Returns the name of the stock class written, e.g. "LlamaForCausalLM".
+    """
+    src, dst = _check_dirs(src, dst)
+    model_type = _read_model_type(src)
+    if model_type != EmberConfig.model_type:
+        raise ValueError(f"model_type: {src} holds a {model_type!r} checkpoint, to-hf converts 'ember' ones")
+
+    ember = _load_strict(EmberForCausalLM, src)
+    hf_config = ember_config_to_hf(ember.config)
+    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=ember.dtype)
+    hf_model.load_state_dict(ember.state_dict(), strict=True)
+    hf_model.eval()
+    del ember
+
+    hf_model.save_pretrained(dst)
+    for name in EMBER_CODE_FILES:  # left over from an earlier Ember save into the same folder
+        (dst / name).unlink(missing_ok=True)
+    _copy_side_files(src, dst)
+    _write_legacy_config_keys(dst / "config.json")
+    return type(hf_model).__name__
+
+
+def from_hf(src: str | Path, dst: str | Path) -> None:
+    """Convert a stock Llama / Mistral / Mixtral checkpoint in `src` to an Ember checkpoint in `dst`.
+
+    Weights keep the checkpoint's dtype. The Ember save writes its code files and `auto_map`, so the
+    result loads anywhere with `trust_remote_code=True`. Tokenizer files and `generation_config.json`
+    are copied.
+    """
+    src, dst = _check_dirs(src, dst)
+    model_type = _read_model_type(src)
+    if model_type not in STOCK_CLASSES:
+        raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)} in {src}, got {model_type!r}")
+
+    hf_model = _load_strict(STOCK_CLASSES[model_type][1], src)
+    ember_config = hf_config_to_ember(hf_model.config)
+    ember = AutoModelForCausalLM.from_config(ember_config, dtype=hf_model.dtype)
+    ember.load_state_dict(hf_model.state_dict(), strict=True)
+    ember.eval()
+    del hf_model
+
+    ember.save_pretrained(dst)
+    _copy_side_files(src, dst)
+
+
+def _check_dirs(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"{src}: no such directory")
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src}: not a model directory (no config.json)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the destination must differ from the source")
+    return src, dst
+
+
+def _read_model_type(src: Path) -> str | None:
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{src / 'config.json'}: not valid JSON ({err})") from None
+    return config.get("model_type")
+
+
+def _load_strict(model_class: type[PreTrainedModel], src: Path) -> PreTrainedModel:
+    """`from_pretrained` in the checkpoint's dtype, failing if any weight is missing, unexpected or misshapen."""
+    model, info = model_class.from_pretrained(src, dtype="auto", output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ValueError(f"{kind}: {src} does not match {model_class.__name__}: {shown}")
+    return model.eval()
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG_FILE):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_legacy_config_keys(path: Path) -> None:
+    """Add the pre-`rope_parameters` keys older readers need to an exported `config.json`, drop `auto_map`.
+
+    transformers 5.x reads these back to the same `rope_parameters` (`rope_scaling` wins over it when
+    both are present, so `rope_scaling` repeats every key but `rope_theta`, which stays top-level).
+    """
+    config = json.loads(path.read_text())
+    config.pop("auto_map", None)
+    rope = dict(config.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if "rope_theta" in rope:
+        config["rope_theta"] = rope["rope_theta"]
+    if rope_type != "default":
+        scaling = {key: value for key, value in rope.items() if key not in ("rope_theta", "type", "rope_type")}
+        config["rope_scaling"] = {"rope_type": rope_type, "type": rope_type, **scaling}
+    if "dtype" in config and "torch_dtype" not in config:
+        config["torch_dtype"] = config["dtype"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m modeling.convert` command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling.convert",
+        description="Convert checkpoints between Ember and transformers' stock Llama / Mistral / Mixtral classes.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    to = commands.add_parser("to-hf", help="Ember checkpoint -> stock LlamaForCausalLM / Mistral / Mixtral")
+    to.add_argument("src", help="folder of an Ember checkpoint (save_pretrained output)")
+    to.add_argument("dst", help="folder to write the stock checkpoint to")
+    back = commands.add_parser("from-hf", help="stock Llama / Mistral / Mixtral checkpoint -> Ember")
+    back.add_argument("src", help="folder of a stock Llama / Mistral / Mixtral checkpoint")
+    back.add_argument("dst", help="folder to write the Ember checkpoint to")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; a bad input ends with a one-line `error:` message and exit status 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "to-hf":
+            class_name = to_hf(args.src, args.dst)
+            print(f"wrote {class_name} to {args.dst}")
+        else:
+            from_hf(args.src, args.dst)
+            print(f"wrote EmberForCausalLM to {args.dst}")
+    except (ValueError, OSError) as err:
+        message = " ".join(str(err).split())  # keep it on one line
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
