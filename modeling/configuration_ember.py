@@ -191,6 +191,8 @@ class EmberConfig(PreTrainedConfig):
             )
         if self.num_local_experts > 0 and self.mlp_type != "swiglu":
             raise ValueError("mlp_type: MoE experts are SwiGLU; set mlp_type='swiglu' when num_local_experts > 0")
+        if self.num_local_experts > 0 and self.mlp_bias:
+            raise ValueError("mlp_bias: MoE experts have no biases; set mlp_bias=False when num_local_experts > 0")
 
     def validate_architecture(self) -> None:
         """Part of transformers' `@strict` validation (runs again on save)."""

@@ -148,7 +148,7 @@ def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None
         )
     if model_type != "llama" and config.attention_bias:
         raise ValueError(f"attention_bias: {target} has no attention biases")
-    # MoE experts never carry biases, so mlp_bias only matters for a dense MLP.
+    # EmberConfig forbids mlp_bias with MoE, so only a dense Mistral export can hit this.
     if model_type == "mistral" and config.mlp_bias:
         raise ValueError(f"mlp_bias: {target} has no MLP biases")
 

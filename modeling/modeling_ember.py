@@ -207,7 +207,7 @@ class EmberTopKRouter(nn.Module):
         probs = router_logits.float().softmax(dim=-1)
         top_weights, top_index = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        return router_logits, top_weights.to(hidden_states.dtype), top_index
+        return router_logits, top_weights, top_index  # weights stay float32, as Mixtral's do
 
 
 class EmberSparseMoeBlock(nn.Module):

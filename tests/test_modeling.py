@@ -311,6 +311,7 @@ def test_llama_compatible_module_names_match_stock_llama():
         (dict(position_embedding_type="xpos"), "position_embedding_type"),
         (dict(rope_parameters={"rope_type": "wavy", "rope_theta": 1.0}), "rope_parameters"),
         (dict(num_local_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),
+        (dict(num_local_experts=2, mlp_bias=True), "mlp_bias"),
         (dict(position_embedding_type="alibi", sliding_window=8), "sliding_window"),
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(head_dim=15), "head_dim"),
