@@ -1,0 +1,39 @@
+# Ember: `make quickstart` runs the main job, `make test` runs the test suite.
+# Both create .venv on first use. torch is installed as the pinned CPU-capable 2.13.0 build
+# unless the interpreter already has a torch (e.g. a CUDA build on a GPU machine), which is reused.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= dev,qlora
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install quickstart test lint format clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "reusing the torch already installed for $(PYTHON)"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install --upgrade pip; \
+		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
+	fi
+	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+quickstart: install
+	$(PY) recipes/smoke_pretrain.py
+
+test: install
+	$(PY) -m pytest -n 2 tests
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
