@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test lint format clean
+.PHONY: install quickstart test test-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -30,7 +30,11 @@ quickstart: install
 	$(PY) recipes/smoke_pretrain.py
 
 test: install
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 -m "not gpu" tests
+
+# On a CUDA machine: bf16, sdpa and flash-attention paths.
+test-gpu: install
+	$(PY) -m pytest -m gpu tests
 
 lint: install
 	$(PY) -m ruff check .
