@@ -57,6 +57,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from modeling import EmberConfig, EmberForCausalLM
 from modeling.configuration_ember import PRESETS
+from modeling.convert import ember_config_to_hf
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 NAMES = ("ember", "llama")
@@ -135,51 +136,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_ember_config(preset: str, overrides: dict[str, Any]) -> EmberConfig:
     config = EmberConfig.from_preset(preset, **overrides)
-    # Only the LLaMA subset of Ember's switches has a stock counterpart.
-    llama_compatible = {
-        "position_embedding_type": "rope",
-        "norm_type": "rmsnorm",
-        "mlp_type": "swiglu",
-        "sliding_window": None,
-        "num_local_experts": 0,
-        "hidden_dropout": 0.0,
-    }
-    for field, expected in llama_compatible.items():
-        if getattr(config, field) != expected:
-            value = getattr(config, field)
-            raise SystemExit(f"{field}={value!r}: stock Llama needs {expected!r} for a like-for-like comparison")
+    try:  # only the LLaMA subset of Ember's switches has a stock counterpart
+        stock = ember_config_to_hf(config)
+    except ValueError as error:
+        raise SystemExit(f"error: no like-for-like stock model: {error}") from None
+    if not isinstance(stock, LlamaConfig) or config.hidden_dropout:
+        raise SystemExit("error: the comparison is against stock Llama: no sliding window, MoE or hidden dropout")
     return config
-
-
-def llama_config_from(config: EmberConfig) -> LlamaConfig:
-    """The stock LlamaConfig that computes the same function as `config`."""
-    return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.norm_eps,
-        rope_parameters=dict(config.rope_parameters),
-        hidden_act=config.hidden_act,
-        attention_bias=config.attention_bias,
-        mlp_bias=config.mlp_bias,
-        attention_dropout=config.attention_dropout,
-        tie_word_embeddings=config.tie_word_embeddings,
-        initializer_range=config.initializer_range,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
 
 
 def build_models(config: EmberConfig, attn: str, seed: int) -> dict[str, PreTrainedModel]:
     torch.manual_seed(seed)
     ember = EmberForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float32)
-    llama = LlamaForCausalLM._from_config(llama_config_from(config), attn_implementation=attn, dtype=torch.float32)
+    llama = LlamaForCausalLM._from_config(ember_config_to_hf(config), attn_implementation=attn, dtype=torch.float32)
     llama.load_state_dict(ember.state_dict(), strict=True)
     for name, model in (("ember", ember), ("llama", llama)):
         actual = model.config._attn_implementation
