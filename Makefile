@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-gpu lint clean
+.PHONY: install quickstart test test-gpu test-min-transformers lint clean
 
 install: $(VENV)/.installed
 
@@ -36,8 +36,16 @@ test: install
 test-gpu: install
 	$(PY) -m pytest -m gpu tests
 
+# The oldest transformers Ember supports, in its own venv (pip resolves the rest freely).
+MIN_VENV ?= .venv-min
+test-min-transformers:
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	$(MIN_VENV)/bin/python -m pip install -e ".[dev]" "transformers==5.17.0"
+	$(MIN_VENV)/bin/python -m pytest -n 2 -m "not gpu" tests
+
 lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) outputs .pytest_cache .ruff_cache
