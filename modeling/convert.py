@@ -72,6 +72,12 @@ SHARED_FIELDS = (
     "eos_token_id",
 )
 MOE_FIELDS = ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits")
+# Fields only some stock classes have, also spelled the same on both sides.
+TYPE_FIELDS = {
+    "llama": ("attention_bias", "mlp_bias"),
+    "mistral": ("sliding_window",),
+    "mixtral": ("sliding_window", *MOE_FIELDS),
+}
 STOCK_CLASSES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -112,16 +118,10 @@ def ember_config_to_hf(config: EmberConfig) -> PreTrainedConfig:
     target = model_class.__name__
     _check_exportable(config, model_type, target)
 
-    kwargs = {name: getattr(config, name) for name in SHARED_FIELDS}
+    kwargs = {name: getattr(config, name) for name in (*SHARED_FIELDS, *TYPE_FIELDS[model_type])}
     kwargs["rms_norm_eps"] = config.norm_eps
     kwargs["rope_parameters"] = copy.deepcopy(dict(config.rope_parameters))
-    if model_type == "llama":
-        kwargs["attention_bias"] = config.attention_bias
-        kwargs["mlp_bias"] = config.mlp_bias
-    else:
-        kwargs["sliding_window"] = config.sliding_window
     if model_type == "mixtral":
-        kwargs.update({name: getattr(config, name) for name in MOE_FIELDS})
         kwargs["router_jitter_noise"] = 0.0
     if config.hidden_dropout > 0:
         warnings.warn(
@@ -158,26 +158,19 @@ def hf_config_to_ember(config: PreTrainedConfig) -> EmberConfig:
     model_type = getattr(config, "model_type", None)
     if model_type not in STOCK_CLASSES:
         raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)}, got {model_type!r}")
-    kwargs = {name: getattr(config, name) for name in SHARED_FIELDS}
+    kwargs = {name: getattr(config, name) for name in (*SHARED_FIELDS, *TYPE_FIELDS[model_type])}
     kwargs["norm_eps"] = config.rms_norm_eps
     # transformers keeps the legacy "type" alias next to "rope_type" when it read a `rope_scaling` dict.
     rope_parameters = copy.deepcopy(dict(config.rope_parameters or {}))
     rope_parameters.pop("type", None)
     kwargs["rope_parameters"] = rope_parameters
-    if model_type == "llama":
-        kwargs["attention_bias"] = config.attention_bias
-        kwargs["mlp_bias"] = config.mlp_bias
-    else:
-        kwargs["sliding_window"] = config.sliding_window
-    if model_type == "mixtral":
-        kwargs.update({name: getattr(config, name) for name in MOE_FIELDS})
-        if config.router_jitter_noise > 0:
-            warnings.warn(
-                f"router_jitter_noise={config.router_jitter_noise} is dropped: Ember's router has none. It is "
-                "training-only, so inference is unchanged.",
-                UserWarning,
-                stacklevel=2,
-            )
+    if model_type == "mixtral" and config.router_jitter_noise > 0:
+        warnings.warn(
+            f"router_jitter_noise={config.router_jitter_noise} is dropped: Ember's router has none. It is "
+            "training-only, so inference is unchanged.",
+            UserWarning,
+            stacklevel=2,
+        )
     return EmberConfig(**kwargs)
 
 
