@@ -186,10 +186,7 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
         raise ValueError(f"model_type: {src} holds a {model_type!r} checkpoint, to-hf converts 'ember' ones")
 
     ember = _load_strict(EmberForCausalLM, src)
-    hf_config = ember_config_to_hf(ember.config)
-    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=ember.dtype)
-    hf_model.load_state_dict(ember.state_dict(), strict=True)
-    hf_model.eval()
+    hf_model = _rebuild_as(ember, ember_config_to_hf(ember.config))
     del ember
 
     hf_model.save_pretrained(dst)
@@ -213,14 +210,18 @@ def from_hf(src: str | Path, dst: str | Path) -> None:
         raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)} in {src}, got {model_type!r}")
 
     hf_model = _load_strict(STOCK_CLASSES[model_type][1], src)
-    ember_config = hf_config_to_ember(hf_model.config)
-    ember = AutoModelForCausalLM.from_config(ember_config, dtype=hf_model.dtype)
-    ember.load_state_dict(hf_model.state_dict(), strict=True)
-    ember.eval()
+    ember = _rebuild_as(hf_model, hf_config_to_ember(hf_model.config))
     del hf_model
 
     ember.save_pretrained(dst)
     _copy_side_files(src, dst)
+
+
+def _rebuild_as(model: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedModel:
+    """A model of `config`'s class holding `model`'s weights; parameter names must match exactly."""
+    target = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    target.load_state_dict(model.state_dict(), strict=True)
+    return target.eval()
 
 
 def _check_dirs(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
