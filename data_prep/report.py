@@ -1,0 +1,124 @@
+"""Per-step accounting: documents and bytes in/out, removals by reason with file:line examples.
+
+Every step of the pipeline owns one `StepReport`. Nothing is dropped without landing in
+`removed[reason]`; the first few locations of each reason are kept so a user can open the file at
+the offending line. Reports are merged across shards and printed as one table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MAX_EXAMPLES_PER_REASON = 20
+
+
+class DataError(ValueError):
+    """Bad input under `--strict`: the message is one line, `file:line: reason`."""
+
+
+@dataclass
+class StepReport:
+    step: str
+    strict: bool = False
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    removed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    # Step-specific numbers (tokens written, PII replacements, ...).
+    extra: Counter = field(default_factory=Counter)
+
+    def seen(self, text: str) -> None:
+        self.docs_in += 1
+        self.bytes_in += len(text.encode("utf-8", "surrogatepass"))
+
+    def kept(self, text: str) -> None:
+        self.docs_out += 1
+        self.bytes_out += len(text.encode("utf-8", "surrogatepass"))
+
+    def remove(self, reason: str, where: str = "", nbytes: int = 0, *, fatal_in_strict: bool = False) -> None:
+        """Count a removed document (or unreadable record). Under strict mode, bad input raises."""
+        if self.strict and fatal_in_strict:
+            raise DataError(f"{where}: {reason}" if where else reason)
+        self.removed[reason] += 1
+        if where:
+            examples = self.examples.setdefault(reason, [])
+            if len(examples) < MAX_EXAMPLES_PER_REASON:
+                examples.append(where)
+
+    def skip_input(self, reason: str, where: str, nbytes: int = 0) -> None:
+        """An input record that could not be read at all (malformed, not UTF-8, binary, ...)."""
+        self.bytes_in += nbytes
+        self.remove(reason, where, fatal_in_strict=True)
+
+    def merge(self, other: StepReport) -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+        self.removed.update(other.removed)
+        self.extra.update(other.extra)
+        for reason, where in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(where[: MAX_EXAMPLES_PER_REASON - len(mine)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "docs_in": self.docs_in,
+            "docs_out": self.docs_out,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "removed": dict(sorted(self.removed.items())),
+            "examples": self.examples,
+            "extra": dict(sorted(self.extra.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepReport:
+        return cls(step=data["step"], docs_in=data["docs_in"], docs_out=data["docs_out"],
+                   bytes_in=data["bytes_in"], bytes_out=data["bytes_out"], removed=Counter(data["removed"]),
+                   examples={k: list(v) for k, v in data["examples"].items()}, extra=Counter(data["extra"]))
+
+
+def save_reports(reports: list[StepReport], path: Path) -> None:
+    from data_prep.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps([r.to_dict() for r in reports], indent=2))
+
+
+def load_reports(path: Path) -> list[StepReport]:
+    return [StepReport.from_dict(d) for d in json.loads(Path(path).read_text(encoding="utf-8"))]
+
+
+def merge_reports(groups: list[list[StepReport]]) -> list[StepReport]:
+    """Merge per-shard report lists step by step, keeping the order steps first appear in."""
+    merged: dict[str, StepReport] = {}
+    for reports in groups:
+        for report in reports:
+            merged.setdefault(report.step, StepReport(report.step)).merge(report)
+    return list(merged.values())
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.2f}"
+
+
+def format_table(reports: list[StepReport]) -> str:
+    """A plain-text table: one row per step, then one indented row per removal reason."""
+    header = f"{'step':<28}{'docs in':>12}{'docs out':>12}{'MB in':>12}{'MB out':>12}"
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        lines.append(f"{r.step:<28}{r.docs_in:>12,}{r.docs_out:>12,}{_mb(r.bytes_in):>12}{_mb(r.bytes_out):>12}")
+        for reason, count in sorted(r.removed.items(), key=lambda kv: -kv[1]):
+            first = r.examples.get(reason, [])
+            where = f"  e.g. {first[0]}" if first else ""
+            lines.append(f"  - {reason:<24}{count:>12,}{where}")
+        for key, value in sorted(r.extra.items()):
+            lines.append(f"  · {key:<24}{value:>12,}")
+    return "\n".join(lines)
