@@ -1,0 +1,338 @@
+"""Where documents come from: local files, Hugging Face datasets (streamed), the embedded stdlib corpus.
+
+Documents are dicts `{"text", "id", "source", "kind", "stage"}` where `id` is `file:line` (or
+`dataset:index`), so anything the pipeline removes later can be traced back. Records that cannot
+be read are skipped and counted in the step report with their location (or raise a one-line
+`DataError` under `--strict`); nothing is dropped silently.
+
+Sharding: shard k of N reads every N-th file when there are at least N files, otherwise every
+N-th record, so shards are disjoint and together cover each source exactly once.
+Mixture: the sources of one curriculum stage are interleaved with `datasets.interleave_datasets`
+using their weights as probabilities; stages follow one another in order.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import math
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import datasets
+import zstandard
+
+from data_prep.config import ConfigError, MixtureConfig, SourceConfig
+from data_prep.report import StepReport
+
+RECORD_FEATURES = datasets.Features({
+    "source": datasets.Value("string"),
+    "stage": datasets.Value("int64"),
+    "text": datasets.Value("string"),
+    "id": datasets.Value("string"),
+    "kind": datasets.Value("string"),
+    "skip": datasets.Value("string"),
+    "nbytes": datasets.Value("int64"),
+})
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+TEXT_SNIFF_BYTES = 8192
+
+
+def _has_suffix(path: Path, suffixes: tuple[str, ...] | list[str]) -> bool:
+    name = path.name.lower()
+    return any(name.endswith(s) for s in suffixes)
+
+
+def expand_paths(source: SourceConfig) -> list[Path]:
+    """Resolve a local source's paths (files, globs, directories) to a sorted list of files."""
+    files: list[Path] = []
+    for pattern in source.paths:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches or not Path(matches[0]).exists():
+            raise ConfigError(f"sources.{source.name}.paths: {pattern} matches no file")
+        for match in map(Path, matches):
+            if match.is_dir():
+                files.extend(p for p in sorted(match.rglob("*")) if p.is_file() and _has_suffix(p, source.extensions))
+            else:
+                files.append(match)
+    return files
+
+
+def stdlib_files() -> tuple[list[Path], dict[str, str]]:
+    """The interpreter's standard-library sources and pydoc topics: real code and English prose."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts and "__pycache__" not in p.parts]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    return files, dict(sorted(topics.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Record readers. Each yields (where, text or None, nbytes, reason) so the caller decides to keep,
+# count or raise; `reason` is set when the record is unreadable.
+# ---------------------------------------------------------------------------------------------
+
+def _open_binary(path: Path) -> BinaryIO:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if name.endswith(".zst"):
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _lines_with_limit(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """Yield (line number, line, size); an over-long line is drained in chunks and yields None."""
+    lineno = 0
+    while True:
+        line = handle.readline(limit + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            size = len(line)
+            while True:
+                chunk = handle.readline(1 << 20)
+                size += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield lineno, None, size
+        else:
+            yield lineno, line, len(line)
+
+
+def read_jsonl(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+    try:
+        handle = _open_binary(path)
+        with handle:
+            for lineno, line, size in _lines_with_limit(handle, max_doc_bytes):
+                where = f"{path}:{lineno}"
+                if line is None:
+                    yield where, None, size, "oversized_document"
+                    continue
+                if not line.strip():
+                    continue  # blank separator lines are not records
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    yield where, None, size, "non_utf8"
+                    continue
+                except json.JSONDecodeError:
+                    yield where, None, size, "malformed_json"
+                    continue
+                if not isinstance(record, dict) or text_field not in record:
+                    yield where, None, size, "missing_text_field"
+                elif not isinstance(record[text_field], str):
+                    yield where, None, size, "text_field_not_string"
+                else:
+                    yield where, record[text_field], size, ""
+    except (OSError, EOFError, zstandard.ZstdError) as err:
+        yield str(path), None, 0, f"unreadable_file ({type(err).__name__})"
+
+
+def read_parquet(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several unrelated types for corrupt files
+        yield str(path), None, 0, f"unreadable_file ({type(err).__name__})"
+        return
+    if text_field not in parquet.schema_arrow.names:
+        yield str(path), None, 0, "missing_text_field"
+        return
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            where = f"{path}:row{row}"
+            if not isinstance(value, str):
+                yield where, None, 0, "missing_text_field"
+                continue
+            size = len(value.encode("utf-8", "surrogatepass"))
+            yield (where, None, size, "oversized_document") if size > max_doc_bytes else (where, value, size, "")
+
+
+def read_text_file(path: Path, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+    """A whole file is one document: source files, books, articles."""
+    where = f"{path}:1"
+    try:
+        size = path.stat().st_size
+        if size > max_doc_bytes:
+            yield where, None, size, "oversized_document"
+            return
+        data = path.read_bytes()
+    except OSError as err:
+        yield str(path), None, 0, f"unreadable_file ({type(err).__name__})"
+        return
+    if b"\x00" in data[:TEXT_SNIFF_BYTES]:
+        yield where, None, size, "binary_file"
+        return
+    try:
+        yield where, data.decode("utf-8"), size, ""
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        yield f"{path}:{line}", None, size, "non_utf8"
+
+
+def read_file(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+    if _has_suffix(path, JSONL_SUFFIXES):
+        return read_jsonl(path, text_field, max_doc_bytes)
+    if _has_suffix(path, (".parquet",)):
+        return read_parquet(path, text_field, max_doc_bytes)
+    return read_text_file(path, max_doc_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources as record streams for one shard.
+#
+# Readers run inside `datasets` generators, which copy their arguments, so they cannot update a
+# report object of the caller. Instead every record travels in-band: good documents with
+# `skip == ""`, unreadable ones with the reason in `skip`, and one `END_OF_SOURCE` marker when a
+# source has been read to its end. `account()` turns that stream into documents plus a report.
+# ---------------------------------------------------------------------------------------------
+
+END_OF_SOURCE = "end_of_source"
+
+
+def _records(source: SourceConfig, shard_index: int, num_shards: int,
+             max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str, str]]:
+    """(where, text, nbytes, reason, kind) for every record shard `shard_index` owns."""
+    k, n = shard_index, num_shards
+    if source.type == "hub":
+        yield from _hub_records(source, k, n)
+        return
+    if source.type == "stdlib":
+        files, topics = stdlib_files()
+        items: list[tuple[str, Any]] = [("file", f) for f in files] + [("topic", t) for t in topics]
+        for i, (what, item) in enumerate(items):
+            if i % n != k:
+                continue
+            if what == "file":
+                for rec in read_text_file(item, max_doc_bytes):
+                    yield (*rec, "code")
+            else:
+                text = topics[item]
+                yield f"pydoc_data/topics:{item}", text, len(text.encode("utf-8")), "", "text"
+        return
+    files = expand_paths(source)
+    by_file = len(files) >= n
+    record_index = 0
+    for file_index, path in enumerate(files):
+        if by_file and file_index % n != k:
+            continue
+        any_record = False
+        for rec in read_file(path, source.text_field, max_doc_bytes):
+            any_record = True
+            owned = by_file or record_index % n == k
+            record_index += 1
+            if owned:
+                yield (*rec, source.kind)
+        if not any_record and (by_file or k == 0):
+            yield str(path), None, 0, "empty_file", source.kind
+
+
+def _hub_records(source: SourceConfig, k: int, n: int) -> Iterator[tuple[str, str | None, int, str, str]]:
+    ds = datasets.load_dataset(source.path, name=source.config_name, split=source.split,
+                               revision=source.revision, streaming=True)
+    by_shard = ds.num_shards >= n
+    if by_shard and n > 1:
+        ds = ds.shard(num_shards=n, index=k)
+    for i, example in enumerate(ds):
+        if not by_shard and i % n != k:
+            continue
+        where = f"{source.path}:{k}/{i}" if by_shard and n > 1 else f"{source.path}:{i}"
+        value = example.get(source.text_field)
+        if source.text_field not in example:
+            yield where, None, 0, "missing_text_field", source.kind
+        elif not isinstance(value, str):
+            yield where, None, 0, "text_field_not_string", source.kind
+        else:
+            yield where, value, len(value.encode("utf-8", "surrogatepass")), "", source.kind
+
+
+def source_records(source: SourceConfig, shard_index: int = 0, num_shards: int = 1,
+                   max_doc_bytes: int = 10_000_000) -> Iterator[dict[str, Any]]:
+    """One source's records for one shard, in-band accounting included (see `account`).
+
+    `max_docs` caps the documents this source contributes over all shards (split evenly).
+    """
+    limit = math.ceil(source.max_docs / num_shards) if source.max_docs else None
+    docs = 0
+    base = {"source": source.name, "stage": source.stage}
+    for where, text, nbytes, reason, kind in _records(source, shard_index, num_shards, max_doc_bytes):
+        if limit is not None and docs >= limit:
+            return  # capped, not exhausted: no END_OF_SOURCE, so the report says "not read to end"
+        if not reason and text is not None and text.strip():
+            docs += 1
+        yield {**base, "text": text or "", "id": where, "kind": kind, "skip": reason, "nbytes": nbytes}
+    yield {**base, "text": "", "id": "", "kind": source.kind, "skip": END_OF_SOURCE, "nbytes": 0}
+
+
+def _as_iterable_dataset(source: SourceConfig, shard_index: int, num_shards: int,
+                         max_doc_bytes: int) -> datasets.IterableDataset:
+    return datasets.IterableDataset.from_generator(
+        source_records, features=RECORD_FEATURES,
+        gen_kwargs={"source": source, "shard_index": shard_index, "num_shards": num_shards,
+                    "max_doc_bytes": max_doc_bytes})
+
+
+def mixed_records(sources: list[SourceConfig], mixture: MixtureConfig, shard_index: int = 0, num_shards: int = 1,
+                  max_doc_bytes: int = 10_000_000) -> Iterator[dict[str, Any]]:
+    """The shard's record stream: curriculum stages in order, sources within a stage interleaved by weight.
+
+    A stage with a single source is read directly; several are mixed with
+    `datasets.interleave_datasets(probabilities=weights / sum(weights))`.
+    """
+    for stage in sorted({s.stage for s in sources}):
+        members = [s for s in sources if s.stage == stage]
+        if len(members) == 1:
+            yield from source_records(members[0], shard_index, num_shards, max_doc_bytes)
+            continue
+        total = sum(s.weight for s in members)
+        yield from datasets.interleave_datasets(
+            [_as_iterable_dataset(s, shard_index, num_shards, max_doc_bytes) for s in members],
+            probabilities=[s.weight / total for s in members],
+            seed=mixture.seed + 1000 * stage + shard_index,
+            stopping_strategy=mixture.stopping_strategy,
+        )
+
+
+def account(records: Iterator[dict[str, Any]], report: StepReport,
+            sources: list[SourceConfig]) -> Iterator[dict[str, Any]]:
+    """Count every record in `report` and yield the readable, non-empty documents.
+
+    Unreadable records and empty documents are counted by reason with their location (or raise a
+    one-line `DataError` under strict mode). Afterwards `report.extra` holds `docs_from/<source>`
+    for each source and `not_read_to_end/<source>` for sources the mixture stopped early (a
+    `first_exhausted` mixture, or `max_docs`).
+    """
+    finished: set[str] = set()
+    for source in sources:
+        report.extra[f"docs_from/{source.name}"] += 0
+    for record in records:
+        reason, where = record.pop("skip"), record["id"]
+        nbytes = record.pop("nbytes")
+        if reason == END_OF_SOURCE:
+            finished.add(record["source"])
+            continue
+        if reason:
+            report.skip_input(reason, where, nbytes)
+            continue
+        text = record["text"]
+        report.seen(text)
+        if not text.strip():
+            report.remove("empty_document", where, fatal_in_strict=True)
+            continue
+        report.kept(text)
+        report.extra[f"docs_from/{record['source']}"] += 1
+        yield record
+    for source in sources:
+        if source.name not in finished:
+            report.extra[f"not_read_to_end/{source.name}"] += 1

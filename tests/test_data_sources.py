@@ -1,0 +1,181 @@
+"""Sources: every input format, bad input counted with file:line (or a one-line error under strict),
+sharding that covers each record exactly once, mixture proportions, the embedded stdlib corpus."""
+
+import gzip
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_prep.config import ConfigError, MixtureConfig, SourceConfig
+from data_prep.report import DataError, StepReport
+from data_prep.sources import account, mixed_records, source_records, stdlib_files
+
+
+def read(sources, shard_index=0, num_shards=1, strict=False, max_doc_bytes=10_000_000, mixture=None):
+    report = StepReport("read", strict=strict)
+    records = mixed_records(sources, mixture or MixtureConfig(), shard_index, num_shards, max_doc_bytes)
+    return list(account(records, report, sources)), report
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_every_local_format_is_read(tmp_path):
+    rows = [{"text": f"document number {i}", "meta": i} for i in range(5)]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps({"text": "gzipped"}) + "\n").encode()))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zstd"}\n'))
+    pq.write_table(pa.table({"text": ["parquet one", "parquet two"]}), tmp_path / "d.parquet")
+    tree = tmp_path / "tree"
+    (tree / "pkg").mkdir(parents=True)
+    (tree / "pkg" / "mod.py").write_text("def f():\n    return 1\n")
+    (tree / "notes.txt").write_text("plain text file")
+    (tree / "image.png").write_bytes(b"\x89PNG not listed in extensions")
+    source = SourceConfig(name="local", paths=[str(tmp_path / "*.jsonl*"), str(tmp_path / "d.parquet"), str(tree)])
+    docs, report = read([source])
+    texts = [d["text"] for d in docs]
+    assert texts[:5] == [r["text"] for r in rows]
+    assert set(texts[5:]) == {"gzipped", "zstd", "parquet one", "parquet two", "def f():\n    return 1\n",
+                              "plain text file"}
+    assert docs[0]["id"] == f"{tmp_path / 'a.jsonl'}:1" and docs[0]["source"] == "local"
+    assert report.docs_out == len(docs) == 11 and not report.removed
+
+
+def test_bad_records_are_counted_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = [
+        b'{"text": "fine one"}',
+        b'{"text": "truncated',                      # 2 malformed JSON
+        b'{"body": "no text field"}',                 # 3 missing field
+        b'{"text": "caf\xe9 in latin-1"}',            # 4 not UTF-8
+        b'{"text": "   \\n  "}',                      # 5 empty after strip
+        b'{"text": 42}',                              # 6 wrong type
+        b'',                                          # blank separator line: not a record
+        b'{"text": "fine two"}',                      # 8
+    ]
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "blob.txt").write_bytes(b"\x00\x01\x02binary" * 100)
+    (tree / "ok.txt").write_text("readable")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    docs, report = read([SourceConfig(name="s", paths=[str(bad), str(tree), str(empty)])])
+    assert [d["text"] for d in docs] == ["fine one", "fine two", "readable"]
+    assert report.removed == Counter(malformed_json=1, missing_text_field=1, non_utf8=1, empty_document=1,
+                                     text_field_not_string=1, binary_file=1, empty_file=1)
+    assert report.examples["malformed_json"] == [f"{bad}:2"]
+    assert report.examples["non_utf8"] == [f"{bad}:4"]
+    assert report.examples["empty_document"] == [f"{bad}:5"]
+    assert report.examples["binary_file"] == [f"{tree / 'blob.txt'}:1"]
+    assert report.examples["empty_file"] == [str(empty)]
+
+
+@pytest.mark.parametrize("line,where,reason", [(2, 2, "malformed_json"), (3, 3, "missing_text_field"),
+                                               (4, 4, "non_utf8")])
+def test_strict_mode_stops_with_one_line_naming_file_and_line(tmp_path, line, where, reason):
+    rows = [b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "ok"}', b'{"text": "ok"}']
+    rows[line - 1] = {2: b'{"text": ', 3: b'{"title": "x"}', 4: b'{"text": "\xff\xfe"}'}[line]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    with pytest.raises(DataError) as err:
+        read([SourceConfig(name="s", paths=[str(path)])], strict=True)
+    message = str(err.value)
+    assert message == f"{path}:{where}: {reason}" and "\n" not in message
+
+
+def test_a_100mb_single_line_document_is_skipped_without_reading_it_whole(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(b'{"text": "before"}\n{"text": "')
+        chunk = b"x" * (1 << 20)
+        for _ in range(100):
+            handle.write(chunk)
+        handle.write(b'"}\n{"text": "after"}\n')
+    docs, report = read([SourceConfig(name="s", paths=[str(path)])], max_doc_bytes=10_000_000)
+    assert [d["text"] for d in docs] == ["before", "after"]
+    assert report.removed == Counter(oversized_document=1)
+    assert report.examples["oversized_document"] == [f"{path}:2"]
+    assert report.bytes_in > 100 * (1 << 20)  # the skipped bytes are still accounted for
+
+
+def test_missing_path_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="matches no file"):
+        read([SourceConfig(name="s", paths=[str(tmp_path / "nope" / "*.jsonl")])])
+
+
+@pytest.mark.parametrize("num_files", [1, 7])
+def test_shards_are_disjoint_and_cover_every_record(tmp_path, num_files):
+    paths = []
+    for f in range(num_files):
+        path = tmp_path / f"part{f}.jsonl"
+        write_jsonl(path, [{"text": f"file {f} row {i}"} for i in range(13)])
+        paths.append(str(path))
+    source = SourceConfig(name="s", paths=paths)
+    everything = [d["text"] for d in read([source])[0]]
+    shards = [[d["text"] for d in read([source], k, 3)[0]] for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(everything) and len(everything) == 13 * num_files
+    assert all(shards)
+
+
+def test_max_docs_caps_a_source_and_is_reported(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, [{"text": f"row {i}"} for i in range(50)])
+    docs, report = read([SourceConfig(name="capped", paths=[str(path)], max_docs=10)])
+    assert len(docs) == 10
+    assert report.extra["not_read_to_end/capped"] == 1
+    docs, report = read([SourceConfig(name="whole", paths=[str(path)])])
+    assert len(docs) == 50 and "not_read_to_end/whole" not in report.extra
+
+
+def test_mixture_follows_the_weights(tmp_path):
+    for name in ("web", "code"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{name} {i}"} for i in range(4000)])
+    sources = [SourceConfig(name="web", paths=[str(tmp_path / "web.jsonl")], weight=3.0),
+               SourceConfig(name="code", paths=[str(tmp_path / "code.jsonl")], weight=1.0)]
+    docs, report = read(sources)
+    counts = Counter(d["source"] for d in docs)
+    # first_exhausted stops when "web" (drawn 75% of the time) runs out of its 4000 documents.
+    assert counts["web"] == 4000
+    assert abs(counts["code"] / sum(counts.values()) - 0.25) < 0.02
+    assert report.extra["not_read_to_end/code"] == 1 and "not_read_to_end/web" not in report.extra
+    assert report.extra["docs_from/code"] == counts["code"]
+
+
+def test_curriculum_stages_come_in_order(tmp_path):
+    for name in ("late", "early"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{name} {i}"} for i in range(20)])
+    sources = [SourceConfig(name="late", paths=[str(tmp_path / "late.jsonl")], stage=1),
+               SourceConfig(name="early", paths=[str(tmp_path / "early.jsonl")], stage=0)]
+    docs, _ = read(sources)
+    assert [d["source"] for d in docs] == ["early"] * 20 + ["late"] * 20
+    assert [d["stage"] for d in docs] == [0] * 20 + [1] * 20
+
+
+def test_local_dataset_folder_streams_through_datasets(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    pq.write_table(pa.table({"content": [f"row {i}" for i in range(10)]}), folder / "train-00000.parquet")
+    source = SourceConfig(name="hub", type="hub", path=str(folder), text_field="content")
+    docs, report = read([source])
+    assert [d["text"] for d in docs] == [f"row {i}" for i in range(10)]
+    assert docs[3]["id"] == f"{folder}:3"
+    bad = SourceConfig(name="hub", type="hub", path=str(folder), text_field="text")
+    docs, report = read([bad])
+    assert docs == [] and report.removed == Counter(missing_text_field=10)
+
+
+def test_embedded_stdlib_corpus_loads_offline():
+    files, topics = stdlib_files()
+    assert len(files) > 500 and len(topics) > 20
+    assert any(f.name == "json" or f.parent.name == "json" for f in files)
+    source = SourceConfig(name="stdlib", type="stdlib")
+    first = list(source_records(source, shard_index=0, num_shards=40))
+    kinds = Counter(r["kind"] for r in first if r["skip"] == "")
+    assert kinds["code"] > 10 and kinds["text"] >= 1
+    assert first[-1]["skip"] == "end_of_source"
