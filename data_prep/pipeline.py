@@ -1,0 +1,389 @@
+"""The data pipeline: five steps over N shards, each resumable, each accounted for in a report.
+
+    filter     per shard   read the mixed sources, clean, quality-filter, redact PII, drop toxic
+                           and eval-contaminated documents; compute dedup signatures
+    dedup      global      exact and MinHash near-duplicate clusters across all shards
+    split      per shard   drop duplicates, route each document to train or validation
+    tokenizer  global      train a tokenizer on train documents (or load `tokenizer.path`), report
+                           compression on validation documents
+    pack       per shard   tokenize, append EOS, pack into `seq_len + 1` blocks (pre-tokenized shards)
+
+Layout under `output_dir`:
+
+    filtered/<shard>.jsonl.zst      documents after filtering (+ .report.json, .sig dedup signatures)
+    dedup/<shard>.removals          what the dedup plan removes from each shard (+ plan.json)
+    documents/{train,validation}/<shard>.jsonl.zst   (+ <shard>.report.json)
+    tokenizer/                      a `PreTrainedTokenizerFast` directory (+ tokenizer_report.json)
+    tokens/{train,validation}/<shard>.{bin,idx.npy,json}
+    report.json, report.txt         every step, merged over shards
+
+A shard step is done when its final output file exists; outputs are written to a temporary name and
+renamed, so an interrupted run redoes at most the shards that were in flight and never reads a
+half-written file. Steps are deterministic: the same config gives byte-identical outputs whether a
+run was interrupted or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from data_prep.config import PipelineConfig
+from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
+from data_prep.report import StepReport, format_table, load_reports, merge_reports, save_reports
+
+STEPS = ("filter", "dedup", "split", "tokenizer", "pack")
+SHARD_STEPS = ("filter", "split", "pack")
+SPLITS = ("train", "validation")
+
+
+class PipelineError(RuntimeError):
+    """A step cannot run yet (missing inputs) or its inputs disagree; one line, says what to do."""
+
+
+def _shards(cfg: PipelineConfig) -> list[str]:
+    return [shard_name(i, cfg.num_shards, "") for i in range(cfg.num_shards)]
+
+
+def _report_path(doc_path: Path) -> Path:
+    return doc_path.with_name(doc_path.name.removesuffix(".jsonl.zst") + ".report.json")
+
+
+def is_validation(doc_id: str, fraction: float) -> bool:
+    """Held-out assignment from the document id: the same on every rerun (and, for files, any sharding)."""
+    if fraction <= 0:
+        return False
+    digest = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+    return digest / 2**64 < fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-shard steps
+# ---------------------------------------------------------------------------------------------
+
+def filter_shard(cfg: PipelineConfig, index: int) -> Path:
+    """Read this shard of the sources and keep the documents every filter accepts."""
+    from data_prep.clean import clean_text
+    from data_prep.decontam import Decontaminator
+    from data_prep.dedup import DedupSignatures
+    from data_prep.filters import QualityFilters
+    from data_prep.sensitive import PIIRedactor, ToxicityFilter
+    from data_prep.sources import account, mixed_records
+
+    name = _shards(cfg)[index]
+    out = cfg.step_dir("filtered") / f"{name}.jsonl.zst"
+    if out.exists():
+        return out
+    quality, pii = QualityFilters(cfg.filters), PIIRedactor(cfg.pii)
+    toxicity, decontam = ToxicityFilter(cfg.toxicity), Decontaminator(cfg.decontam)
+    read_report = StepReport("read", strict=cfg.strict)
+    pii_report = StepReport("pii")
+
+    def redact(text: str, kind: str) -> tuple[str, str]:
+        redacted, counts = pii.redact(text)
+        pii_report.extra.update(counts)
+        return redacted, ""
+
+    # Each stage maps (text, kind) to (new text, "") or (None/any, removal reason).
+    stages = [(StepReport("clean"), lambda text, kind: (clean_text(text, kind, cfg.clean), "")),
+              (StepReport("filter"), quality.apply)]
+    if pii.enabled:
+        stages.append((pii_report, redact))
+    if toxicity.enabled:
+        stages.append((StepReport("toxicity"), lambda text, kind: (text, toxicity.check(text) or "")))
+    if decontam.enabled:
+        stages.append((StepReport("decontam"), lambda text, kind: (text, decontam.check(text) or "")))
+    signatures = DedupSignatures(cfg.dedup)
+    records = mixed_records(cfg.sources, cfg.mixture, index, cfg.num_shards, cfg.max_doc_bytes)
+
+    def kept_documents() -> Iterator[dict[str, Any]]:
+        position = 0
+        for doc in tqdm(account(records, read_report, cfg.sources), desc=f"filter {name}", unit="doc",
+                        mininterval=2, disable=None):
+            text: str | None = doc["text"]
+            for report, stage in stages:
+                text = _through(report, stage, text, doc["kind"], doc["id"])
+                if text is None:
+                    break
+            if text is None:
+                continue
+            signatures.add(position, text)
+            position += 1
+            yield {"id": doc["id"], "source": doc["source"], "kind": doc["kind"], "stage": doc["stage"], "text": text}
+
+    # Documents first into a temporary file, then signatures and the report, then the rename that
+    # marks the shard done: a kill at any point leaves no file a later step would trust.
+    tmp = out.with_name(f".{out.name}.partial")
+    write_docs(tmp, kept_documents())
+    signatures.save(out.with_suffix("").with_suffix(".sig"))
+    save_reports([read_report] + [report for report, _ in stages], _report_path(out))
+    tmp.replace(out)
+    return out
+
+
+def _through(report: StepReport, stage, text: str, kind: str, where: str) -> str | None:
+    """Run one filter stage on a document, accounting for it; None when the document is removed."""
+    report.seen(text)
+    new_text, reason = stage(text, kind)
+    if new_text is None or reason:
+        report.remove(reason or "removed", where)
+        return None
+    if not new_text.strip():
+        report.remove(f"empty_after_{report.step}", where)
+        return None
+    report.kept(new_text)
+    return new_text
+
+
+def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
+    """Drop this shard's duplicates and route each document to train or validation."""
+    from data_prep.dedup import load_removals
+
+    name = _shards(cfg)[index]
+    outs = {split: cfg.step_dir("documents") / split / f"{name}.jsonl.zst" for split in SPLITS}
+    if all(p.exists() for p in outs.values()):
+        return outs
+    source = cfg.step_dir("filtered") / f"{name}.jsonl.zst"
+    removals_path = cfg.step_dir("dedup") / f"{name}.removals"
+    if not source.exists() or not removals_path.exists():
+        raise PipelineError(f"split {name}: needs {source.name} and the dedup plan; run the filter and dedup steps")
+    removals = load_removals(removals_path)
+    dedup, split_report = StepReport("dedup", strict=cfg.strict), StepReport("split")
+    # One sequential pass over the compressed shard per output keeps memory flat; the first pass
+    # does the accounting.
+    for split, reports in (("train", (dedup, split_report)), ("validation", None)):
+        tmp = outs[split].with_name(f".{outs[split].name}.partial")
+        write_docs(tmp, _routed(source, removals, cfg.tokenizer.heldout_fraction, split, reports))
+        if reports:
+            save_reports(list(reports), _report_path(outs["train"]))
+        tmp.replace(outs[split])
+    return outs
+
+
+def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
+            reports: tuple[StepReport, StepReport] | None) -> Iterator[dict[str, Any]]:
+    for position, doc in enumerate(read_docs(source)):
+        target = "validation" if is_validation(doc["id"], fraction) else "train"
+        if reports:
+            dedup, split_report = reports
+            dedup.seen(doc["text"])
+            if position in removals:
+                dedup.remove(removals[position], doc["id"])
+            else:
+                dedup.kept(doc["text"])
+                split_report.seen(doc["text"])
+                split_report.kept(doc["text"])
+                split_report.extra[f"docs/{target}"] += 1
+        if position not in removals and target == split:
+            yield doc
+
+
+def pack_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
+    """Tokenize and pack this shard's train and validation documents."""
+    from data_prep.packing import pack_documents
+    from data_prep.tokenizer import load_tokenizer
+
+    name = _shards(cfg)[index]
+    outs = {split: cfg.step_dir("tokens") / split / name for split in SPLITS}
+    if all(p.with_suffix(".json").exists() for p in outs.values()):
+        return outs
+    tokenizer_dir = cfg.step_dir("tokenizer")
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        raise PipelineError(f"pack {name}: no tokenizer in {tokenizer_dir}; run the tokenizer step")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for split in SPLITS:
+        if outs[split].with_suffix(".json").exists():
+            continue
+        source = cfg.step_dir("documents") / split / f"{name}.jsonl.zst"
+        if not source.exists():
+            raise PipelineError(f"pack {name}: {source} is missing; run the split step")
+        report = StepReport(f"pack/{split}")
+        # FIM draws are seeded by document position; give every shard and split its own stream.
+        pack_cfg = dataclasses.replace(cfg.pack, seed=cfg.pack.seed * 1_000_003 + 2 * index + (split == "validation"))
+        pack_documents(_counted(read_docs(source), report), tokenizer, outs[split], pack_cfg, report)
+        save_reports([report], outs[split].with_suffix(".report.json"))
+    return outs
+
+
+def _counted(docs: Iterator[dict[str, Any]], report: StepReport) -> Iterator[dict[str, Any]]:
+    for doc in docs:
+        report.seen(doc["text"])
+        report.kept(doc["text"])
+        yield doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Global steps
+# ---------------------------------------------------------------------------------------------
+
+def dedup_plan(cfg: PipelineConfig) -> Path:
+    """Find duplicate clusters across all shards and write one removal list per shard."""
+    from data_prep.dedup import plan_removals
+
+    plan = cfg.step_dir("dedup") / "plan.json"
+    if plan.exists():
+        return plan
+    names = _shards(cfg)
+    signatures = [cfg.step_dir("filtered") / f"{n}.sig" for n in names]
+    done = [cfg.step_dir("filtered") / f"{n}.jsonl.zst" for n in names]
+    missing = [n for n, p in zip(names, done) if not p.exists()]
+    if missing:
+        raise PipelineError(f"dedup: filter shards not finished yet: {', '.join(missing)}")
+    removals = [cfg.step_dir("dedup") / f"{n}.removals" for n in names]
+    counts = plan_removals(signatures, cfg.dedup, removals)
+    atomic_write_text(plan, json.dumps(dict(counts), indent=2))
+    return plan
+
+
+def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
+    """Train the tokenizer on train documents (up to `tokenizer.train_bytes`) or copy `tokenizer.path`."""
+    from data_prep.tokenizer import compression_stats, load_tokenizer, train_tokenizer
+
+    out = cfg.step_dir("tokenizer")
+    report_path = cfg.root / "tokenizer_report.json"
+    if report_path.exists():
+        return out
+    names = _shards(cfg)
+    train_files = [cfg.step_dir("documents") / "train" / f"{n}.jsonl.zst" for n in names]
+    missing = [n for n, p in zip(names, train_files) if not p.exists()]
+    if missing:
+        raise PipelineError(f"tokenizer: split shards not finished yet: {', '.join(missing)}")
+    if cfg.tokenizer.path:
+        tokenizer = load_tokenizer(cfg.tokenizer.path)
+        tokenizer.save_pretrained(out)
+        trained_on = None
+    else:
+        budget = _ByteBudget(cfg.tokenizer.train_bytes)
+        tokenizer = train_tokenizer(budget.take(_round_robin(train_files)), cfg.tokenizer, out)
+        trained_on = budget.used
+    validation = [cfg.step_dir("documents") / "validation" / f"{n}.jsonl.zst" for n in names]
+    heldout = _ByteBudget(20_000_000).take(_round_robin(validation))
+    stats = compression_stats(tokenizer, heldout)
+    stats.update(trained_on_bytes=trained_on, vocab_size=len(tokenizer), source=cfg.tokenizer.path or "trained")
+    atomic_write_text(report_path, json.dumps(stats, indent=2))
+    return out
+
+
+class _ByteBudget:
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, texts: Iterator[str]) -> Iterator[str]:
+        for text in texts:
+            if self.used >= self.limit:
+                return
+            self.used += len(text.encode("utf-8", "surrogatepass"))
+            yield text
+
+
+def _round_robin(paths: list[Path]) -> Iterator[str]:
+    """Texts from all shards in turn, so a byte budget samples every shard, not just the first."""
+    readers = [read_docs(p) for p in paths if p.exists()]
+    while readers:
+        for reader in list(readers):
+            doc = next(reader, None)
+            if doc is None:
+                readers.remove(reader)
+            else:
+                yield doc["text"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running steps and collecting the report
+# ---------------------------------------------------------------------------------------------
+
+_SHARD_FUNCTIONS = {"filter": filter_shard, "split": split_shard, "pack": pack_shard}
+_GLOBAL_FUNCTIONS = {"dedup": dedup_plan, "tokenizer": train_or_load_tokenizer}
+
+
+def run_step(cfg: PipelineConfig, step: str, shard_indices: list[int] | None = None, workers: int = 1) -> None:
+    if step in _GLOBAL_FUNCTIONS:
+        _GLOBAL_FUNCTIONS[step](cfg)
+        return
+    indices = list(range(cfg.num_shards)) if shard_indices is None else shard_indices
+    function = _SHARD_FUNCTIONS[step]
+    if workers <= 1 or len(indices) <= 1:
+        for index in indices:
+            function(cfg, index)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(function, [cfg] * len(indices), indices):
+            pass
+
+
+def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indices: list[int] | None = None,
+                 workers: int = 1) -> list[StepReport]:
+    """Run `steps` (all by default) in order; returns the merged report when every shard is complete.
+
+    With `shard_indices` (a cluster array job), global steps run only once all shards are ready;
+    until then the run stops after the shard steps it could do and says what is missing.
+    """
+    steps = list(steps or STEPS)
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise PipelineError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}")
+    cfg.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.root / "pipeline_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    timings = {}
+    for step in STEPS:
+        if step not in steps:
+            continue
+        start = time.perf_counter()
+        try:
+            run_step(cfg, step, shard_indices, workers)
+        except PipelineError:
+            if shard_indices is None:
+                raise
+            print(f"[data_prep] stopping before {step}: other shards are not finished (rerun once they are)")
+            return []
+        timings[step] = time.perf_counter() - start
+    reports = collect_reports(cfg)
+    if reports:
+        write_summary(cfg, reports, timings)
+    return reports
+
+
+def collect_reports(cfg: PipelineConfig) -> list[StepReport]:
+    """Merge every finished shard's step reports into one list; empty unless every shard is done."""
+    names = _shards(cfg)
+    groups = []
+    for directory in (cfg.step_dir("filtered"), cfg.step_dir("documents") / "train"):
+        paths = [directory / f"{n}.report.json" for n in names]
+        if not all(p.exists() for p in paths):
+            return []
+        groups.extend(load_reports(p) for p in paths)
+    for split in SPLITS:
+        paths = [cfg.step_dir("tokens") / split / f"{n}.report.json" for n in names]
+        groups.extend(load_reports(p) for p in paths if p.exists())
+    return merge_reports(groups)
+
+
+def write_summary(cfg: PipelineConfig, reports: list[StepReport], timings: dict[str, float]) -> None:
+    summary: dict[str, Any] = {"steps": [r.to_dict() for r in reports], "seconds": timings}
+    for name in ("tokenizer_report.json", "dedup/plan.json"):
+        path = cfg.root / name
+        if path.exists():
+            summary[name.split("/")[-1].removesuffix(".json")] = json.loads(path.read_text(encoding="utf-8"))
+    for split in SPLITS:
+        metas = [json.loads(p.read_text()) for p in sorted((cfg.step_dir("tokens") / split).glob("*[0-9].json"))]
+        if metas:
+            summary[f"tokens_{split}"] = {key: sum(m[key] for m in metas)
+                                          for key in ("num_tokens", "num_documents", "num_blocks", "remainder_tokens")}
+    table = format_table(reports)
+    atomic_write_text(cfg.root / "report.json", json.dumps(summary, indent=2))
+    atomic_write_text(cfg.root / "report.txt", table + "\n")
+    print(table)
+    for split in SPLITS:
+        if f"tokens_{split}" in summary:
+            t = summary[f"tokens_{split}"]
+            print(f"{split}: {t['num_tokens']:,} tokens in {t['num_blocks']:,} blocks of {cfg.pack.seq_len + 1} "
+                  f"({t['num_documents']:,} documents, {t['remainder_tokens']:,} tokens in final partial blocks)")
