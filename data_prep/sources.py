@@ -210,13 +210,15 @@ def _records(source: SourceConfig, shard_index: int, num_shards: int,
         return
     if source.type == "stdlib":
         files, topics = stdlib_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
         items: list[tuple[str, Any]] = [("file", f) for f in files] + [("topic", t) for t in topics]
         for i, (what, item) in enumerate(items):
             if i % n != k:
                 continue
             if what == "file":
-                for rec in read_text_file(item, max_doc_bytes):
-                    yield (*rec, "code")
+                # Ids relative to the stdlib root keep the train/validation split the same on every machine.
+                for where, *rest in read_text_file(item, max_doc_bytes):
+                    yield (f"<stdlib>/{Path(where).relative_to(root)}", *rest, "code")
             else:
                 text = topics[item]
                 yield f"pydoc_data/topics:{item}", text, len(text.encode("utf-8")), "", "text"
