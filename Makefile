@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart test test-gpu test-min-transformers lint clean
+.PHONY: install quickstart data test test-gpu test-min-transformers lint clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 quickstart: install
 	$(PY) recipes/smoke_pretrain.py
+
+# The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
+data: install
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2
 
 test: install
 	$(PY) -m pytest -n 2 -m "not gpu" tests

@@ -152,6 +152,9 @@ class PIIConfig:
     emails: bool = True
     phones: bool = True
     ip_addresses: bool = True
+    # Loopback, private, link-local, multicast and documentation addresses (127.0.0.1, 10.0.0.1,
+    # 192.0.2.1, 2001:db8::1) identify no one and fill code and docs; only public ones are replaced.
+    public_ips_only: bool = True
     card_numbers: bool = True
 
 

@@ -111,14 +111,16 @@ def _mb(nbytes: int) -> str:
 
 def format_table(reports: list[StepReport]) -> str:
     """A plain-text table: one row per step, then one indented row per removal reason."""
-    header = f"{'step':<28}{'docs in':>12}{'docs out':>12}{'MB in':>12}{'MB out':>12}"
+    labels = [k for r in reports for k in (*r.removed, *r.extra)]
+    width = max([28, *(len(k) + 6 for k in labels)])
+    header = f"{'step':<{width}}{'docs in':>12}{'docs out':>12}{'MB in':>12}{'MB out':>12}"
     lines = [header, "-" * len(header)]
     for r in reports:
-        lines.append(f"{r.step:<28}{r.docs_in:>12,}{r.docs_out:>12,}{_mb(r.bytes_in):>12}{_mb(r.bytes_out):>12}")
+        lines.append(f"{r.step:<{width}}{r.docs_in:>12,}{r.docs_out:>12,}{_mb(r.bytes_in):>12}{_mb(r.bytes_out):>12}")
         for reason, count in sorted(r.removed.items(), key=lambda kv: -kv[1]):
             first = r.examples.get(reason, [])
             where = f"  e.g. {first[0]}" if first else ""
-            lines.append(f"  - {reason:<24}{count:>12,}{where}")
+            lines.append(f"  - {reason:<{width - 4}}{count:>12,}{where}")
         for key, value in sorted(r.extra.items()):
-            lines.append(f"  · {key:<24}{value:>12,}")
+            lines.append(f"  · {key:<{width - 4}}{value:>12,}")
     return "\n".join(lines)

@@ -5,7 +5,9 @@
 - e-mail addresses -> `<EMAIL>`: `local@domain.tld` with a 2+ letter TLD;
 - IP addresses -> `<IP_ADDRESS>`: IPv6 candidates are checked with the standard `ipaddress` module
   and need at least three non-empty groups unless written out in full, so `::`, `::1`, `fe80::1`
-  and slices such as `a[1::2]` stay; then dotted IPv4 with every octet 0-255, no leading zeros;
+  and slices such as `a[1::2]` stay; then dotted IPv4 with every octet 0-255, no leading zeros.
+  By default (`public_ips_only`) only globally routable addresses are replaced: loopback, private,
+  link-local and documentation ranges identify no one;
 - card numbers -> `<CARD_NUMBER>`: 13-19 digits, optionally grouped by single spaces or dashes,
   starting with a card-network digit (3-6) and passing the Luhn check;
 - phone numbers -> `<PHONE>`: `+`, a country code and digit groups (10-15 digits in all), or the
@@ -87,8 +89,9 @@ class PIIRedactor:
             self._rules.append(("pii/email", EMAIL, _EMAIL, None))
         if cfg.ip_addresses:
             # IPv6 first: its IPv4-mapped form (::ffff:192.0.2.1) ends in a dotted address.
-            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV6, _is_ipv6))
-            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV4, None))
+            public = _is_public_ip if cfg.public_ips_only else None
+            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV6, _both(_is_ipv6, public)))
+            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV4, public))
         if cfg.card_numbers:
             self._rules.append(("pii/card_number", CARD_NUMBER, _CARD, _is_card_number))
         if cfg.phones:
@@ -119,6 +122,16 @@ def _is_ipv6(candidate: str) -> bool:
         return False
     groups = [g for g in re.split(r"[:.]", candidate) if g]
     return "::" not in candidate or len(groups) >= 3
+
+
+def _is_public_ip(candidate: str) -> bool:
+    address = ipaddress.ip_address(candidate)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_global
+
+
+def _both(first: Callable[[str], bool], second: Callable[[str], bool] | None) -> Callable[[str], bool]:
+    return first if second is None else lambda candidate: first(candidate) and second(candidate)
 
 
 def _is_card_number(candidate: str) -> bool:

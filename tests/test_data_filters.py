@@ -407,7 +407,7 @@ def test_stdlib_sources_and_pydoc_topics_mostly_pass(default_filters):
 def test_pii_placeholders_on_realistic_text():
     redactor = PIIRedactor(PIIConfig())
     text = ("Write to jane.doe+orders@mail.example.co.uk or call (555) 123-4567, +44 20 7946 0958 or 555.123.4567.\n"
-            "Servers: 192.168.1.20, 2001:db8:85a3::8a2e:370:7334 and ::ffff:192.0.2.1.\n"
+            "Servers: 93.184.215.14, 2606:4700:4700::1111:8a2e and ::ffff:8.8.4.4.\n"
             "Paid with 4111 1111 1111 1111 and 3782-822463-10005.")
     redacted, counts = redactor.redact(text)
     assert redacted == ("Write to <EMAIL> or call <PHONE>, <PHONE> or <PHONE>.\n"
@@ -431,8 +431,15 @@ def test_pii_leaves_lookalikes_alone(text):
     assert PIIRedactor(PIIConfig()).redact(text) == (text, {})
 
 
+def test_only_public_ip_addresses_are_personal_by_default():
+    text = "Bind 127.0.0.1, 0.0.0.0, 10.0.0.1, 192.168.1.20, 192.0.2.1, ::ffff:10.1.2.3 and 2001:db8:85a3::8a2e:1."
+    assert PIIRedactor(PIIConfig()).redact(text) == (text, {})
+    redacted, counts = PIIRedactor(PIIConfig(public_ips_only=False)).redact(text)
+    assert counts == {"pii/ip_address": 7} and redacted.count("<IP_ADDRESS>") == 7
+
+
 def test_pii_toggles():
-    text = "Mail bob@example.com from 10.0.0.1."
+    text = "Mail bob@example.com from 81.2.69.160."
     assert PIIRedactor(PIIConfig(enabled=False)).redact(text) == (text, {})
     assert PIIRedactor(PIIConfig(emails=False)).redact(text) == ("Mail bob@example.com from <IP_ADDRESS>.",
                                                                  {"pii/ip_address": 1})

@@ -207,17 +207,18 @@ def test_killed_run_resumes_to_identical_outputs(finished_run, corpus_dir, tmp_p
     assert outputs(tmp_path / "out") == outputs(cfg.root)
 
 
-def test_shard_by_shard_runs_equal_one_run(finished_run, corpus_dir, tmp_path):
+def test_shard_by_shard_runs_equal_one_run(finished_run, corpus_dir, tmp_path, capsys):
     """What a cluster does: per-shard steps as array jobs (any order), each global step once after them."""
+    from data_prep.__main__ import main
+
     cfg, _, _ = finished_run
     config = write_config(corpus_dir, tmp_path / "out")
-    result = _cli("run", "--config", str(config), "--shard-index", "2")
-    assert result.returncode == 0 and "other shards are not finished" in result.stdout
+    assert main(["run", "--config", str(config), "--shard-index", "2"]) == 0
+    assert "other shards are not finished" in capsys.readouterr().out
     for step in ("filter", "dedup", "split", "tokenizer", "pack"):
         for index in ([None] if step in ("dedup", "tokenizer") else [1, 0, 2]):
             shard = [] if index is None else ["--shard-index", str(index)]
-            result = _cli(step, "--config", str(config), *shard)
-            assert result.returncode == 0, (step, index, result.stderr[-2000:])
+            assert main([step, "--config", str(config), *shard]) == 0, (step, index, capsys.readouterr().err)
     assert outputs(tmp_path / "out") == outputs(cfg.root)
 
 
@@ -231,3 +232,24 @@ def test_token_shards_match_the_tokenizer(finished_run):
     assert ids.max() < len(tokenizer)
     text = tokenizer.decode(ids[:200].tolist())
     assert text.strip()
+
+
+@pytest.mark.parametrize("config", sorted((REPO_ROOT / "recipes" / "configs" / "data").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_load_with_paths_beside_them(config):
+    cfg = load_config(config)
+    assert Path(cfg.output_dir).is_absolute()
+    assert Path(cfg.output_dir).resolve().is_relative_to(REPO_ROOT / "outputs")
+    assert config.read_text().startswith("# Hardware:")
+
+
+def test_default_stdlib_config_runs_offline_at_small_size(tmp_path):
+    config = REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"
+    result = _cli("run", "--config", str(config), f"--output_dir={tmp_path / 'out'}", "--sources.0.max_docs=80",
+                  "--num-shards", "2", "--tokenizer.vocab_size=512", "--pack.seq_len=128", env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validation:" in result.stdout
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["steps"][0]["extra"]["docs_from/stdlib"] == 80
+    assert summary["tokens_train"]["num_blocks"] > 100
+    assert PackedDataset(tmp_path / "out" / "tokens" / "train")[0]["input_ids"].shape == (128,)
