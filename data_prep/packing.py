@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from data_prep.config import PackConfig
+from data_prep.config import ConfigError, PackConfig
 from data_prep.io import atomic_write_text
 from data_prep.report import StepReport
 from data_prep.tokenizer import FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, encode_documents, tokenizer_fingerprint
@@ -112,13 +112,13 @@ class FimSpec:
 
     @classmethod
     def from_config(cls, cfg: PackConfig, tokenizer) -> FimSpec | None:
-        """None when FIM is off; a one-line ValueError when it is on and the tokenizer lacks the sentinels."""
+        """None when FIM is off; a one-line ConfigError when it is on and the tokenizer lacks the sentinels."""
         if cfg.fim_rate <= 0:
             return None
         vocab = tokenizer.get_vocab()
         missing = [t for t in (FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX) if t not in vocab]
         if missing:
-            raise ValueError(f"pack.fim_rate: is {cfg.fim_rate} but the tokenizer has no {', '.join(missing)} "
+            raise ConfigError(f"pack.fim_rate: is {cfg.fim_rate} but the tokenizer has no {', '.join(missing)} "
                              "token (train it with tokenizer.fim_tokens: true, or set pack.fim_rate: 0)")
         return cls(cfg.fim_rate, cfg.fim_spm_rate, cfg.seed, vocab[FIM_PREFIX], vocab[FIM_MIDDLE], vocab[FIM_SUFFIX])
 

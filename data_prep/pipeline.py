@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -171,7 +172,11 @@ def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
 
 def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
             reports: tuple[StepReport, StepReport] | None) -> Iterator[dict[str, Any]]:
-    for position, doc in enumerate(read_docs(source)):
+    docs = read_docs(source)
+    if reports:
+        name = source.name.removesuffix(".jsonl.zst")
+        docs = tqdm(docs, desc=f"split {name}", unit="doc", mininterval=2, disable=None)
+    for position, doc in enumerate(docs):
         target = "validation" if is_validation(doc["id"], fraction) else "train"
         if reports:
             dedup, split_report = reports
@@ -263,7 +268,13 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         trained_on = None
     else:
         budget = _ByteBudget(cfg.tokenizer.train_bytes)
-        tokenizer = train_tokenizer(budget.take(_round_robin(train_files)), cfg.tokenizer, out)
+        try:
+            tokenizer = train_tokenizer(budget.take(_round_robin(train_files)), cfg.tokenizer, out)
+        except ValueError:
+            if budget.used:
+                raise
+            raise PipelineError(f"tokenizer: no train documents are left after filtering and dedup; the removals "
+                                f"are counted in {cfg.step_dir('filtered')}/*.report.json") from None
         trained_on = budget.used
     validation = [cfg.step_dir("documents") / "validation" / f"{n}.jsonl.zst" for n in names]
     heldout = _ByteBudget(20_000_000).take(_round_robin(validation))
@@ -332,6 +343,8 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if unknown:
         raise PipelineError(f"unknown step {unknown[0]!r}; steps are {', '.join(STEPS)}")
     cfg.root.mkdir(parents=True, exist_ok=True)
+    if shard_indices is None:  # array tasks may be writing beside us otherwise
+        remove_stale_temporaries(cfg.root)
     atomic_write_text(cfg.root / "pipeline_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     timings = {}
     for step in STEPS:
@@ -350,6 +363,17 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if reports:
         write_summary(cfg, reports, timings)
     return reports
+
+
+def remove_stale_temporaries(root: Path) -> int:
+    """Delete the hidden temporary files and folders a killed run left behind; returns how many."""
+    stale = [p for p in root.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def collect_reports(cfg: PipelineConfig) -> list[StepReport]:

@@ -182,6 +182,21 @@ def test_cli_errors_are_one_line(corpus_dir, tmp_path):
     assert result.stderr.strip() == f"error: {corpus_dir / 'web.jsonl'}:11: malformed_json"
 
 
+def test_an_input_that_filters_to_nothing_stops_with_one_line(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "tiny.jsonl").write_text('{"text": "hi"}\n')
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": "out", "num_shards": 2, "sources": [
+        {"name": "s", "paths": ["empty.jsonl", "tiny.jsonl"]}], "filters": {"min_chars": 10}}))
+    result = _cli("run", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: tokenizer: no train documents are left after filtering and dedup; "
+                                     f"the removals are counted in {tmp_path / 'out' / 'filtered'}/*.report.json")
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "out" / "filtered").glob("*.report.json"))]
+    removed = [r["removed"] for shard in reports for r in shard if r["removed"]]
+    assert {"empty_file": 1} in removed and {"too_short": 1} in removed
+
+
 def _run_until(config: Path, marker_glob: str, output: Path) -> None:
     """Start the pipeline, SIGKILL it as soon as `marker_glob` matches a file under `output`."""
     process = subprocess.Popen([sys.executable, "-m", "data_prep", "run", "--config", str(config)], cwd=REPO_ROOT,
@@ -205,6 +220,7 @@ def test_killed_run_resumes_to_identical_outputs(finished_run, corpus_dir, tmp_p
     result = _cli("run", "--config", str(config))
     assert result.returncode == 0, result.stderr[-2000:]
     assert outputs(tmp_path / "out") == outputs(cfg.root)
+    assert not [p for p in (tmp_path / "out").rglob(".*")]  # no temporary left behind
 
 
 def test_shard_by_shard_runs_equal_one_run(finished_run, corpus_dir, tmp_path, capsys):
