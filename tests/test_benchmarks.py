@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end at toy size and write well-formed results (no timing asserted)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -28,3 +29,69 @@ def test_bench_model_cpu_runs_and_writes_json(tmp_path):
         assert summary[model]["median_step_s"] > 0 and summary[model]["tokens_per_s"] > 0
     expected = summary["ember"]["median_step_s"] / summary["llama"]["median_step_s"]
     assert abs(summary["ratio_of_medians"] - expected) < 1e-9
+
+
+def test_bench_data_prep_runs_and_writes_json(tmp_path):
+    output = tmp_path / "data_prep.json"
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO_ROOT / "benchmarks" / "bench_data_prep.py"),
+            "--max-mb", "0.3", "--rounds", "1", "--scales", "1", "2", "--seq-len", "128", "--vocab-size", "512",
+            "--threads", "1", "--workdir", str(tmp_path / "work"), "--output", str(output),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["machine"]["tokenizer_threads"]["effective"] == 1
+    assert {"tokenizers", "datasets", "transformers", "cpu_model"} <= set(report["machine"])
+
+    # Both paths saw the same tokens; Ember's count has exactly one EOS per document on top.
+    check, corpus = report["token_check"], report["corpus"]
+    assert check["ok"] and check["same_token_ids"]
+    assert check["ember_tokens"] == check["run_clm_tokens"] == corpus["tokens"] > 0
+    assert check["ember_tokens_with_eos"] == check["ember_tokens"] + corpus["documents"]
+    assert corpus["bytes"] >= 300_000
+
+    assert len(report["rounds"]) == 1
+    throughput = report["summary"]["throughput"]
+    for method in ("ember", "run_clm"):
+        assert throughput[method]["median_s"] > 0 and throughput[method]["mb_per_s"] > 0
+        assert throughput[method]["tokens_per_s"] > 0
+    expected = throughput["run_clm"]["median_s"] / throughput["ember"]["median_s"]
+    assert abs(throughput["speed_ratio_of_medians"] - expected) < 1e-9
+    assert abs(throughput["ember"]["mb_per_s"] / throughput["run_clm"]["mb_per_s"] - expected) < 1e-9
+    assert throughput["minhash"]["docs_per_s"] > 0
+
+    # One fresh process per (path, scale); the doubled stream really carried twice the documents.
+    measurements = {(m["method"], m["scale"]): m for m in report["memory"]}
+    assert set(measurements) == {(method, scale) for method in ("ember", "run_clm") for scale in (1, 2)}
+    for (_, scale), measurement in measurements.items():
+        assert measurement["documents"] == scale * corpus["documents"]
+        assert measurement["peak_rss_mib"] > 0
+        # Nothing of the parent's peak leaked into the child's ru_maxrss: it matches the child's own VmHWM.
+        own_peak = measurement["proc_status_at_end_mib"].get("VmHWM")
+        if own_peak is not None:  # Linux
+            assert measurement["peak_rss_mib"] - own_peak < 64
+    memory = report["summary"]["memory"]
+    for method in ("ember", "run_clm"):
+        growth = measurements[(method, 2)]["peak_rss_mib"] / measurements[(method, 1)]["peak_rss_mib"]
+        assert abs(memory[method]["growth"] - growth) < 1e-9
+
+    # In process, on hand-made input: the recipe's grouping drops the tail, and the token check refuses a corpus
+    # that the two paths tokenize differently (run_clm's tokenizer call matches special-token text, Ember's does not).
+    spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "benchmarks" / "bench_data_prep.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    batch = {"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]}
+    assert bench.group_into_blocks(batch, 2) == {"input_ids": [[1, 2], [3, 4]], "attention_mask": [[1, 1], [1, 1]]}
+    texts = ["def add(a, b):\n    return a + b\n", "EOS = '<|endoftext|>'\n"]
+    paths = []
+    for index, text in enumerate(texts):
+        paths.append(tmp_path / f"doc{index}.py")
+        paths[-1].write_text(text, encoding="utf-8")
+    tokenizer = bench.train_tokenizer(texts, bench.TokenizerConfig(vocab_size=300), tmp_path / "tokenizer")
+    assert bench.check_same_tokens(paths[:1], texts[:1], tokenizer, 4, tmp_path)["ok"]
+    mismatch = bench.check_same_tokens(paths, texts, tokenizer, 4, tmp_path)
+    assert not mismatch["ok"] and not mismatch["same_token_ids"]
+    assert mismatch["ember_tokens"] > mismatch["run_clm_tokens"]
