@@ -219,7 +219,10 @@ class TokenizerConfig:
 @dataclass
 class PackConfig:
     seq_len: int = 1024
+    # Documents are tokenized in batches of at most `batch_docs` documents and (when packing
+    # shards) `batch_chars` characters: the batch's token lists are the step's peak memory.
     batch_docs: int = 1000
+    batch_chars: int = 4_000_000
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     seed: int = 0

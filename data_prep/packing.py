@@ -42,7 +42,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -299,9 +299,17 @@ class PackedShardWriter:
         self._tmp_paths = []
 
 
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while batch := list(islice(iterator, size)):
+def batched_documents(docs: Iterable[dict], max_docs: int, max_chars: int) -> Iterator[list[dict]]:
+    """Batches of at most `max_docs` documents that stop growing once they hold `max_chars` characters."""
+    batch: list[dict] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc["text"]) if isinstance(doc.get("text"), str) else 0
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
@@ -323,7 +331,7 @@ def pack_documents(docs: Iterable[dict], tokenizer, prefix: Path, cfg: PackConfi
     writer = PackedShardWriter(prefix, cfg.seq_len, len(tokenizer), tokenizer.eos_token_id,
                                tokenizer_fingerprint(tokenizer), extra)
     with writer, tqdm(desc=f"pack {Path(prefix).name}", unit="doc", disable=None) as progress:
-        for batch in batched(docs, batch_docs):
+        for batch in batched_documents(docs, batch_docs, cfg.batch_chars):
             first = writer.num_documents
             token_lists, batch_fim = tokenize_documents(batch, tokenizer, fim, range(first, first + len(batch)))
             writer.add_documents(token_lists)

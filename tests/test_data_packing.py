@@ -385,3 +385,16 @@ def test_shift_labels_give_the_loss_over_every_position(tmp_path, tokenizer):
     output = model(input_ids=batch["input_ids"], labels=batch["shift_labels"], shift_labels=batch["shift_labels"])
     expected = F.cross_entropy(output.logits.float().reshape(-1, vocab_size), batch["shift_labels"].view(-1))
     assert torch.allclose(output.loss, expected)
+
+
+def test_pack_batches_are_capped_by_characters_and_the_output_does_not_depend_on_batching(tokenizer, tmp_path):
+    from data_prep.packing import batched_documents
+
+    docs = [{"text": "x" * n, "kind": "text"} for n in (5, 5, 30, 1, 1, 1)]
+    assert [len(b) for b in batched_documents(docs, max_docs=4, max_chars=10)] == [2, 1, 3]
+    assert [len(b) for b in batched_documents(docs, max_docs=2, max_chars=1000)] == [2, 2, 2]
+    texts = make_docs(40)
+    wide = pack_documents(texts, tokenizer, tmp_path / "wide", PackConfig(seq_len=SEQ_LEN))
+    narrow = pack_documents(texts, tokenizer, tmp_path / "narrow", PackConfig(seq_len=SEQ_LEN, batch_chars=500))
+    assert wide == narrow
+    assert (tmp_path / "wide.bin").read_bytes() == (tmp_path / "narrow.bin").read_bytes()
