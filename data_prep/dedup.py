@@ -5,8 +5,8 @@
    (near dedup). No text is kept.
 2. Once, globally: `plan_removals` reads every shard's signature file, links documents that share an exact
    hash or any band key, clusters the links (union-find on numpy arrays), keeps the first document of each
-   cluster in (shard, index) order and writes one removal file per shard. It holds about 300 bytes per
-   document (4 million documents: 1.2 GB and about 20 s on one core).
+   cluster in (shard, index) order and writes one removal file per shard. It holds only numeric arrays, a
+   few hundred bytes per document, never text.
 3. Per shard: the pipeline re-reads the shard's stream and drops the indices in `load_removals`.
 
 Normalisation. Exact dedup hashes the text lowercased with whitespace runs collapsed to one space, so copies
@@ -24,7 +24,7 @@ all `hashes_per_bucket` values of any one band agree; for Jaccard similarity s t
 Library choice: datatrove's MinHash stages are executor pipeline steps over its own Document objects and
 folders (one non-atomic file per band per rank) that hash every shingle in Python, and datasketch keeps one
 object per document in memory; so this module reuses datatrove's normalisation rules and xxhash and does the
-hashing, banding and clustering with numpy, about 20x faster per document than datatrove's signature step.
+hashing, banding and clustering with numpy, vectorised per document.
 """
 
 from __future__ import annotations
