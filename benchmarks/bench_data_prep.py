@@ -56,6 +56,7 @@ import pyarrow
 import pyarrow.compute as pc
 import tokenizers
 import transformers
+from bench_common import available_cores, cpu_model_name, quartiles
 
 from data_prep.config import ConfigError, DedupConfig, PackConfig, TokenizerConfig
 from data_prep.dedup import signature_throughput
@@ -78,13 +79,6 @@ FALSE_VALUES = ("", "off", "false", "f", "no", "n", "0")  # what tokenizers read
 # --------------------------------------------------------------------------------------------------------------------
 # Command line and environment
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -332,13 +326,6 @@ def run_rounds(paths: list[Path], texts: list[str], tokenizer, args: argparse.Na
     return rounds
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
-
-
 def summarise_rounds(rounds: list[dict[str, Any]], corpus_bytes: int, tokens: int, documents: int) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for method in METHODS:
@@ -449,16 +436,6 @@ def summarise_memory(measurements: list[dict[str, Any]], scales: list[int]) -> d
 # --------------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def machine_info(threads: dict[str, Any]) -> dict[str, Any]:

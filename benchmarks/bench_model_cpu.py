@@ -44,7 +44,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -53,6 +52,7 @@ from typing import Any
 
 import torch
 import transformers
+from bench_common import available_cores, cpu_model_name, quartiles
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from modeling import EmberConfig, EmberForCausalLM
@@ -66,13 +66,6 @@ NAMES = ("ember", "llama")
 # --------------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -207,13 +200,6 @@ def time_block(model: PreTrainedModel, input_ids: torch.Tensor, mode: str, steps
     return times
 
 
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, median, q3
-
-
 def run_benchmark(
     models: dict[str, PreTrainedModel], input_ids: torch.Tensor, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
@@ -264,16 +250,6 @@ def summarise(rounds: list[dict[str, Any]], steps: int, tokens_per_step: int) ->
 # --------------------------------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def machine_info() -> dict[str, Any]:

@@ -82,7 +82,11 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
     # that the two paths tokenize differently (run_clm's tokenizer call matches special-token text, Ember's does not).
     spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "benchmarks" / "bench_data_prep.py")
     bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # where the script finds bench_common when run
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
     batch = {"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]}
     assert bench.group_into_blocks(batch, 2) == {"input_ids": [[1, 2], [3, 4]], "attention_mask": [[1, 1], [1, 1]]}
     texts = ["def add(a, b):\n    return a + b\n", "EOS = '<|endoftext|>'\n"]
