@@ -208,7 +208,6 @@ class TokenizerConfig:
     vocab_size: int = 8192
     min_frequency: int = 2
     train_bytes: int = 200_000_000
-    heldout_fraction: float = 0.02
     eos_token: str = "<|endoftext|>"
     pad_token: str = "<|pad|>"
     fim_tokens: bool = True
@@ -233,6 +232,9 @@ class PipelineConfig:
     output_dir: str
     sources: list[SourceConfig]
     num_shards: int = 1
+    # Share of documents routed to the validation split (by a hash of the document id): held out
+    # from tokenizer training and from training data, used for compression and perplexity.
+    validation_fraction: float = 0.02
     strict: bool = False
     max_doc_bytes: int = 10_000_000
     mixture: MixtureConfig = field(default_factory=MixtureConfig)
@@ -260,6 +262,8 @@ class PipelineConfig:
                 raise ConfigError(f"sources.{i}.path: a hub source needs a dataset name or folder")
             if source.type == "local" and not source.paths:
                 raise ConfigError(f"sources.{i}.paths: a local source needs at least one path")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
         if self.pack.seq_len < 1:
             raise ConfigError(f"pack.seq_len: must be >= 1, got {self.pack.seq_len}")
         for key in ("fim_rate", "fim_spm_rate"):

@@ -163,7 +163,7 @@ def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     # does the accounting.
     for split, reports in (("train", (dedup, split_report)), ("validation", None)):
         tmp = outs[split].with_name(f".{outs[split].name}.partial")
-        write_docs(tmp, _routed(source, removals, cfg.tokenizer.heldout_fraction, split, reports))
+        write_docs(tmp, _routed(source, removals, cfg.validation_fraction, split, reports))
         if reports:
             save_reports(list(reports), _report_path(outs["train"]))
         tmp.replace(outs[split])

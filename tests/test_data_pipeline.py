@@ -68,7 +68,8 @@ def write_config(root: Path, output: Path, name: str = "pipeline.yaml", **extra)
         "sources": [{"name": "web", "paths": [str(root / "web.jsonl")]},
                     {"name": "code", "paths": [str(root / "code")], "kind": "code", "stage": 1}],
         "decontam": {"eval_files": [str(root / "eval.jsonl")]},
-        "tokenizer": {"vocab_size": 600, "heldout_fraction": 0.1, "min_frequency": 1},
+        "validation_fraction": 0.1,
+        "tokenizer": {"vocab_size": 600, "min_frequency": 1},
         "pack": {"seq_len": 64},
         **extra,
     }
