@@ -283,6 +283,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
         raise ConfigError(f"{path}: cannot load tokenizer ({reason})") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ConfigError(f"{path}: expected a fast tokenizer, got {type(tokenizer).__name__}")
+    # Loading options, not tokenizer settings: a copy saved with them would refuse the Hub later.
+    for key in ("local_files_only", "is_local"):
+        tokenizer.init_kwargs.pop(key, None)
     return tokenizer
 
 

@@ -331,3 +331,10 @@ def test_compression_on_held_out_stdlib(bpe):
     assert (unicode_stats["bytes"], unicode_stats["chars"], unicode_stats["docs"]) == (11, 4, 2)
     assert compression_stats(bpe, []) == {"docs": 0, "bytes": 0, "chars": 0, "tokens": 0,
                                           "bytes_per_token": 0.0, "chars_per_token": 0.0}
+
+
+def test_a_loaded_tokenizer_saves_without_loading_options(bpe_dir, tmp_path):
+    load_tokenizer(bpe_dir).save_pretrained(tmp_path / "copy")
+    saved = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and "is_local" not in saved
+    assert saved["eos_token"] == "<|endoftext|>"

@@ -1,0 +1,160 @@
+"""Pretrain an Ember model on the packed shards of `python -m data_prep` with the HF Trainer.
+
+    accelerate launch --config_file accelerate_configs/<tier>.yaml recipes/pretrain.py \\
+        --config recipes/configs/pretrain_<recipe>.yaml [--key=value ...]
+    python recipes/pretrain.py --config recipes/configs/pretrain_nano_cpu.yaml      # one process
+
+Keys: `ModelArguments` and `DataArguments` below, plus every `transformers.TrainingArguments` field.
+The output folder is a Hub-ready model: safetensors, config with `auto_map` and the model code, the
+tokenizer, a generation config and a model card.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import GenerationConfig, SchedulerType, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from data_prep.token_dataset import PackedDataset
+from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from modeling import EmberConfig, EmberForCausalLM, sizing
+from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+from modeling.training import (
+    NonFiniteGuardCallback,
+    PretrainingTrainer,
+    ThroughputCallback,
+    add_callbacks_first,
+    collate_packed,
+    device_peak_flops,
+    lr_scheduler_kwargs,
+)
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="nano", metadata={"help": "EmberConfig preset (nano, 125m, 350m, 1b, 7b, ...)"})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this checkpoint"})
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(default="", metadata={"help": "output_dir of a data_prep run (tokenizer/, tokens/)"})
+    position_ids: bool = field(default=True, metadata={"help": "per-document positions: no attention across EOS"})
+    max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
+    min_lr_ratio: float = 0.1
+    max_consecutive_nonfinite: int = 5
+    peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
+
+
+PATH_KEYS = ("data_dir", "output_dir", "logging_dir")
+
+
+def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberForCausalLM:
+    special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if model_args.model_name_or_path:
+        model = EmberForCausalLM.from_pretrained(model_args.model_name_or_path,
+                                                 attn_implementation=model_args.attn_implementation)
+        if model.config.vocab_size != len(tokenizer):
+            raise RecipeConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} does not match the "
+                                    f"tokenizer's {len(tokenizer)} tokens")
+    else:
+        overrides = {**special, **model_args.model_overrides}
+        overrides.setdefault("max_position_embeddings", seq_len)
+        config = EmberConfig.from_preset(model_args.preset, **overrides)
+        if config.vocab_size != len(tokenizer):
+            raise RecipeConfigError(f"model_overrides.vocab_size: {config.vocab_size} does not match the "
+                                    f"tokenizer's {len(tokenizer)} tokens")
+        model = EmberForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+    if model.config.max_position_embeddings < seq_len:
+        raise RecipeConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
+                                f"the shards' seq_len {seq_len}")
+    model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, args = parse_recipe_args((ModelArguments, DataArguments, TrainingArguments),
+                                                        sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        data_dir = Path(data_args.data_dir)
+        tokenizer = load_tokenizer(data_dir / "tokenizer")
+        fingerprint = tokenizer_fingerprint(tokenizer)
+        train = PackedDataset(data_dir / "tokens" / "train", return_position_ids=data_args.position_ids,
+                              expected_fingerprint=fingerprint)
+        validation_dir = data_dir / "tokens" / "validation"
+        validation = (PackedDataset(validation_dir, return_position_ids=data_args.position_ids,
+                                    expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
+        if validation is not None and len(validation) == 0:
+            validation = None
+        set_seed(args.seed)
+        model = build_model(model_args, tokenizer, train.seq_len)
+    except (RecipeConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                       * train.seq_len)
+    if data_args.max_tokens:
+        args.max_steps = math.ceil(data_args.max_tokens / tokens_per_step)
+    scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(data_args.schedule, data_args.min_lr_ratio,
+                                                              max_steps=args.max_steps)
+    args.lr_scheduler_type = SchedulerType(scheduler)
+    if args.eval_strategy != "no" and validation is None:
+        args.eval_strategy = "no"
+    args.remove_unused_columns = False  # shift_labels and position_ids are not forward() argument names
+
+    flops = sizing.flops_per_token(model.config, train.seq_len)
+    peak = device_peak_flops(data_args.peak_flops)
+    guard = NonFiniteGuardCallback(data_args.max_consecutive_nonfinite)
+    trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
+                                 data_collator=collate_packed, processing_class=tokenizer)
+    # First in line, so the printer and the reporters see the metrics these callbacks add to each log.
+    add_callbacks_first(trainer, ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard)
+    if trainer.is_world_process_zero():
+        print(f"[pretrain] {sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} blocks of "
+              f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
+              f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
+
+    resume = args.resume_from_checkpoint
+    if resume == "auto":
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    result = trainer.train(resume_from_checkpoint=resume)
+    if guard.stop_reason:
+        if trainer.is_world_process_zero():
+            print(f"error: {guard.stop_reason}", file=sys.stderr)
+        return 1
+
+    metrics = dict(result.metrics)
+    if validation is not None:
+        metrics.update(trainer.evaluate())
+        if "eval_loss" in metrics:
+            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("all", metrics)
+    if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
+    if trainer.is_world_process_zero():
+        trainer.create_model_card(model_name=Path(args.output_dir).name, tags=["ember", "pretraining"],
+                                  dataset=str(data_dir.name))
+    if args.push_to_hub:
+        trainer.push_to_hub(commit_message="Ember pretraining: final model")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    transformers.logging.set_verbosity_warning()
+    sys.exit(main())
