@@ -11,6 +11,7 @@ tokenizer, a generation config and a model card.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import upload_folder
 from transformers import GenerationConfig, SchedulerType, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -25,6 +27,7 @@ from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from modeling import EmberConfig, EmberForCausalLM, sizing
 from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+from modeling.run_report import write_model_card, write_run_report
 from modeling.training import (
     NonFiniteGuardCallback,
     PretrainingTrainer,
@@ -53,9 +56,12 @@ class DataArguments:
     min_lr_ratio: float = 0.1
     max_consecutive_nonfinite: int = 5
     peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
+    expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
 
 
 PATH_KEYS = ("data_dir", "output_dir", "logging_dir")
+REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_steps", "max_grad_norm",
+                          "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
 
 
 def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberForCausalLM:
@@ -82,6 +88,34 @@ def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberFor
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
     return model
+
+
+def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_args: DataArguments, seq_len: int,
+                  tokens_per_step: int, peak: float | None, metrics: dict) -> None:
+    """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
+    args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
+    strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
+    memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
+                                   args.activation_checkpointing, param_bytes=2 if args.bf16 else 4,
+                                   flash_attention=model_args.attn_implementation != "eager")
+    planned = tokens_per_step * args.max_steps
+    recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),
+              **{key: getattr(args, key) for key in REPORTED_TRAINING_KEYS}}
+    write_run_report(output_dir, trainer.state.log_history, {
+        "config": recipe, "tokens_per_step": tokens_per_step, "estimated_memory_gb": memory["total"] / 2**30,
+        "estimated_seconds": (sizing.training_time(config, planned, args.world_size, peak, data_args.expected_mfu,
+                                                   seq_len) if peak else None)})
+    steps = trainer.state.global_step
+    write_model_card(output_dir, model_name=output_dir.name, config=config, datasets=[Path(data_args.data_dir).name],
+                     metrics=metrics, repo_id=args.hub_model_id, training={
+                         "tokens": tokens_per_step * steps, "steps": steps, "tokens_per_step": tokens_per_step,
+                         "seq_len": seq_len, "global_batch_size": tokens_per_step // seq_len,
+                         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                         "lr_schedule": f"{data_args.schedule}, {args.warmup_steps} warmup steps, "
+                                        f"min {data_args.min_lr_ratio} x peak",
+                         "precision": "bf16" if args.bf16 else "fp32", "world_size": args.world_size,
+                         "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                         "wall_seconds": metrics.get("train_runtime")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
     if trainer.is_world_process_zero():
-        trainer.create_model_card(model_name=Path(args.output_dir).name, tags=["ember", "pretraining"],
-                                  dataset=str(data_dir.name))
-    if args.push_to_hub:
-        trainer.push_to_hub(commit_message="Ember pretraining: final model")
+        write_reports(trainer, model_args, data_args, train.seq_len, tokens_per_step, peak, metrics)
+    if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
+                          commit_message="Ember pretraining: final model", ignore_patterns=["checkpoint-*"])
     return 0
 
 

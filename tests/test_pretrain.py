@@ -67,6 +67,15 @@ def test_output_folder_is_hub_ready(trained):
     config = json.loads((trained / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ember.EmberForCausalLM"
     assert config["vocab_size"] == 512 and config["hidden_size"] == 64
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(trained / "README.md")
+    assert card.data.library_name == "transformers" and "ember" in card.data.tags
+    assert card.data.datasets == ["stdlib"] and card.data.license == "apache-2.0"
+    assert "trust_remote_code=True" in card.text and "perplexity" in card.text.lower()
+    report = (trained / "run_report" / "report.md").read_text()
+    for plot in ("loss.png", "learning_rate.png", "grad_norm.png", "throughput.png"):
+        assert (trained / "run_report" / plot).stat().st_size > 1000 and f"({plot})" in report
 
 
 LOAD_AND_GENERATE = textwrap.dedent("""
