@@ -21,7 +21,6 @@ import torch
 import transformers
 from huggingface_hub import upload_folder
 from transformers import GenerationConfig, SchedulerType, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -35,6 +34,7 @@ from modeling.training import (
     add_callbacks_first,
     collate_packed,
     device_peak_flops,
+    latest_complete_checkpoint,
     lr_scheduler_kwargs,
 )
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resume = args.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        resume = latest_complete_checkpoint(args.output_dir)  # a kill mid-save leaves an incomplete one
     result = trainer.train(resume_from_checkpoint=resume)
     if guard.stop_reason:
         if trainer.is_world_process_zero():
