@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = dict(result.metrics)
     if validation is not None:
-        metrics.update(trainer.evaluate())
+        last_eval = next((e for e in reversed(trainer.state.log_history) if "eval_loss" in e), {})
+        if last_eval.get("step") == trainer.state.global_step:  # the schedule just evaluated the final weights
+            metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+        else:
+            metrics.update(trainer.evaluate())
         if "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("train", metrics)

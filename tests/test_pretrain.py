@@ -41,8 +41,8 @@ def pretrain(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 def trained(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "nano"
     result = pretrain(f"--data_dir={data_dir}", f"--output_dir={out}", SMALL_MODEL, "--max_steps=40",
-                      "--warmup_steps=4", "--logging_steps=5", "--eval_steps=20", "--save_steps=20",
-                      "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1")
+                      "--position_ids=true", "--warmup_steps=4", "--logging_steps=5", "--eval_steps=20",
+                      "--save_steps=20", "--per_device_train_batch_size=4", "--gradient_accumulation_steps=1")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
