@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Ember configs that build and run in milliseconds on CPU."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TINY = dict(
     vocab_size=128,
@@ -35,3 +38,17 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A small real data_prep run on the stdlib corpus: tokenizer (vocab 512) and seq_len 64 shards."""
+    from data_prep.config import load_config
+    from data_prep.pipeline import run_pipeline
+
+    out = tmp_path_factory.mktemp("data") / "stdlib"
+    cfg = load_config(REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml", [
+        f"--output_dir={out}", "--num_shards=1", "--sources.0.max_docs=40", "--tokenizer.vocab_size=512",
+        "--pack.seq_len=64", "--validation_fraction=0.1"])
+    run_pipeline(cfg)
+    return out

@@ -10,25 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import load_config
-from data_prep.pipeline import run_pipeline
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
 NANO_CPU = REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"
 SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
               "num_attention_heads: 4, num_key_value_heads: 2}"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small real data_prep run on the stdlib corpus: tokenizer (vocab 512) and seq_len 64 shards."""
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    cfg = load_config(REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml", [
-        f"--output_dir={out}", "--num_shards=1", "--sources.0.max_docs=40", "--tokenizer.vocab_size=512",
-        "--pack.seq_len=64", "--validation_fraction=0.1"])
-    run_pipeline(cfg)
-    return out
 
 
 def pretrain(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

@@ -17,8 +17,6 @@ import torch
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from data_prep.config import load_config
-from data_prep.pipeline import run_pipeline
 from data_prep.token_dataset import PackedDataset
 from modeling import EmberConfig, EmberForCausalLM
 from modeling.training import PretrainingTrainer, collate_packed, latest_complete_checkpoint
@@ -38,17 +36,6 @@ RUN_ARGS = (SMALL_MODEL, f"--max_steps={MAX_STEPS}", f"--save_steps={SAVE_STEPS}
             "--gradient_accumulation_steps=1", "--dataloader_num_workers=0", "--disable_tqdm=true")
 # What must match bit for bit; throughput and timing metrics naturally differ between runs.
 COMPARED = ("step", "epoch", "loss", "grad_norm", "learning_rate")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A small real data_prep run on the stdlib corpus: tokenizer (vocab 512) and seq_len 64 shards."""
-    out = tmp_path_factory.mktemp("data") / "stdlib"
-    cfg = load_config(REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml", [
-        f"--output_dir={out}", "--num_shards=1", "--sources.0.max_docs=40", "--tokenizer.vocab_size=512",
-        "--pack.seq_len=64", "--validation_fraction=0.1"])
-    run_pipeline(cfg)
-    return out
 
 
 def start_ddp_run(data_dir: Path, output_dir: Path, *extra: str) -> subprocess.Popen:
