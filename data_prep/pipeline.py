@@ -43,8 +43,8 @@ from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
 from data_prep.report import StepReport, format_table, load_reports, merge_reports, save_reports
 
 STEPS = ("filter", "dedup", "split", "tokenizer", "pack")
-SHARD_STEPS = ("filter", "split", "pack")
 SPLITS = ("train", "validation")
+HELDOUT_SAMPLE_BYTES = 20_000_000  # validation text the tokenizer's compression is measured on
 
 
 class PipelineError(RuntimeError):
@@ -267,33 +267,30 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         tokenizer.save_pretrained(out)
         trained_on = None
     else:
-        budget = _ByteBudget(cfg.tokenizer.train_bytes)
+        used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself
         try:
-            tokenizer = train_tokenizer(budget.take(_round_robin(train_files)), cfg.tokenizer, out)
+            tokenizer = train_tokenizer(_round_robin(train_files), cfg.tokenizer, out, used=used)
         except ValueError:
-            if budget.used:
+            if used.get("bytes"):
                 raise
             raise PipelineError(f"tokenizer: no train documents are left after filtering and dedup; the removals "
                                 f"are counted in {cfg.step_dir('filtered')}/*.report.json") from None
-        trained_on = budget.used
+        trained_on = used["bytes"]
     validation = [cfg.step_dir("documents") / "validation" / f"{n}.jsonl.zst" for n in names]
-    heldout = _ByteBudget(20_000_000).take(_round_robin(validation))
-    stats = compression_stats(tokenizer, heldout)
+    stats = compression_stats(tokenizer, _first_bytes(_round_robin(validation), HELDOUT_SAMPLE_BYTES))
     stats.update(trained_on_bytes=trained_on, vocab_size=len(tokenizer), source=cfg.tokenizer.path or "trained")
     atomic_write_text(report_path, json.dumps(stats, indent=2))
     return out
 
 
-class _ByteBudget:
-    def __init__(self, limit: int):
-        self.limit, self.used = limit, 0
-
-    def take(self, texts: Iterator[str]) -> Iterator[str]:
-        for text in texts:
-            if self.used >= self.limit:
-                return
-            self.used += len(text.encode("utf-8", "surrogatepass"))
-            yield text
+def _first_bytes(texts: Iterator[str], limit: int) -> Iterator[str]:
+    """Whole texts until at least `limit` UTF-8 bytes have gone by."""
+    seen = 0
+    for text in texts:
+        if seen >= limit:
+            return
+        seen += len(text.encode("utf-8", "surrogatepass"))
+        yield text
 
 
 def _round_robin(paths: list[Path]) -> Iterator[str]:

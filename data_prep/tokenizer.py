@@ -241,15 +241,18 @@ def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> No
         shutil.rmtree(old, ignore_errors=True)
 
 
-def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path,
+                    used: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
     """Train a tokenizer on at most `cfg.train_bytes` of `texts`, save it to `output_dir`, return it.
 
     Training is deterministic: the same texts and config give the same `tokenizer_fingerprint`.
+    `used`, when given, receives the documents and bytes actually trained on (`docs`, `bytes`).
     """
     specials = special_tokens_for(cfg)
     _check_config(cfg, specials)
     backend, trainer = _build_backend(cfg, specials)
-    counts = {"docs": 0, "bytes": 0}
+    counts = used if used is not None else {}
+    counts.update(docs=0, bytes=0)
     backend.train_from_iterator(_limit_bytes(texts, cfg.train_bytes, counts), trainer=trainer)
     if counts["bytes"] == 0:
         raise ValueError("train_tokenizer: no training text (every document was empty or none were given)")
