@@ -378,22 +378,27 @@ def _is_path_key(dotted: str) -> bool:
     return False
 
 
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; a missing file or bad YAML is a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 raw: dict[str, Any] | None = None) -> PipelineConfig:
     """Load a pipeline YAML (or a ready dict), apply `key=value` overrides, validate."""
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        raw = _rebase_paths(loaded, path.resolve().parent)
+        raw = _rebase_paths(read_yaml_mapping(path), path.resolve().parent)
     raw = dict(raw or {})
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")

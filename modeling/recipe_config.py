@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
+from data_prep.config import ConfigError, read_yaml_mapping
+
 
 class RecipeConfigError(ValueError):
     """A recipe config problem, in one line that names the file or key."""
@@ -63,16 +65,10 @@ def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str],
             raise RecipeConfigError("--config: expects a YAML file")
         config_path = Path(rest[index + 1])
         del rest[index : index + 2]
-        if not config_path.is_file():
-            raise RecipeConfigError(f"{config_path}: config file not found")
         try:
-            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{config_path}:{mark.line + 1}" if mark else str(config_path)
-            raise RecipeConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(loaded, dict):
-            raise RecipeConfigError(f"{config_path}: expected a mapping of keys to values")
+            loaded = read_yaml_mapping(config_path)
+        except ConfigError as err:
+            raise RecipeConfigError(str(err)) from None
         base = config_path.resolve().parent
         values.update({k: _resolve(v, base) if k in path_keys else v for k, v in loaded.items()})
     for item in rest:
