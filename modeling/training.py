@@ -5,16 +5,15 @@
 - `ThroughputCallback` (+ `device_peak_flops`): tokens/s, TFLOP/s per device, MFU and peak memory in the logs.
 - `NonFiniteGuardCallback`: skips optimizer steps whose gradients hold NaN/inf and stops after a run of them.
 - `lr_scheduler_kwargs`: our schedule names ("cosine", "wsd") as `TrainingArguments` scheduler settings.
-- `add_callbacks_first`: registers callbacks ahead of the Trainer's printers and reporters.
 - `latest_complete_checkpoint`: the checkpoint to resume from, passing over one a kill left half-written.
 
 Typical wiring::
 
     model.config.use_cache = False  # a KV cache in the forward pass turns off document masking
     args = TrainingArguments(..., remove_unused_columns=False)  # keep "shift_labels" in the examples
-    trainer = PretrainingTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_packed)
     guard = NonFiniteGuardCallback()
-    add_callbacks_first(trainer, ThroughputCallback(...), guard)
+    trainer = PretrainingTrainer(model=model, args=args, train_dataset=dataset, data_collator=collate_packed,
+                                 callbacks=[ThroughputCallback(...), guard])
     trainer.train()
     if guard.stop_reason: ...
 
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .sizing import peak_flops_for_device
@@ -89,14 +89,25 @@ def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[s
 
 
 class PretrainingTrainer(Trainer):
-    """The HF Trainer with Ember's weight-decay split (`decay_parameter_names`).
+    """The HF Trainer with Ember's weight-decay split (`decay_parameter_names`) and callback metrics in its logs.
 
     The Trainer builds the optimizer itself (`args.optim`, fused AdamW where available), so this works
     the same under DDP, FSDP (which refuses a ready-made optimizer) and DeepSpeed.
+
+    Each periodic training log (the one with "loss") also gets the metrics of every callback that has a
+    `training_log_metrics()` method (`ThroughputCallback`, `NonFiniteGuardCallback`), added before the log
+    is recorded in `log_history` and handed to the printer and the reporters (TensorBoard, trackio, W&B).
     """
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            for callback in self.callback_handler.callbacks:
+                if hasattr(callback, "training_log_metrics"):
+                    logs.update(callback.training_log_metrics())
+        super().log(logs, start_time)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,33 +151,6 @@ def collate_packed(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.T
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def add_callbacks_first(trainer: Trainer, *callbacks: TrainerCallback) -> None:
-    """Register `callbacks` ahead of the Trainer's own ones.
-
-    `Trainer.add_callback` appends, so the printer and the reporters (TensorBoard, W&B, ...) would receive
-    each `on_log` before our callbacks add their metrics to it. Running first, the additions reach them.
-    """
-    trainer.callback_handler.callbacks[0:0] = list(callbacks)
-
-
-def _is_training_log(logs: dict[str, Any] | None) -> bool:
-    # The Trainer's periodic training log always carries "loss"; evaluation logs carry "eval_loss" etc.
-    return logs is not None and "loss" in logs
-
-
-def _add_to_logs(state: TrainerState, logs: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Add `metrics` to the `logs` being dispatched and to the `log_history` entry made from them.
-
-    `Trainer.log` appends a copy of `logs` to `state.log_history` before calling `on_log`, so changing
-    `logs` alone would miss the history (and with it `trainer_state.json` in checkpoints).
-    """
-    logs.update(metrics)
-    if state.log_history:
-        entry = state.log_history[-1]
-        if entry.get("step") == state.global_step and all(entry.get(k) is v for k, v in logs.items() if k in entry):
-            entry.update(metrics)
-
-
 def device_peak_flops(override: float | None = None) -> float | None:
     """Peak dense BF16 FLOP/s of the current CUDA device, `override` if given, None if unknown or on CPU."""
     if override is not None:
@@ -194,7 +178,9 @@ def _synchronize_cuda() -> None:
 
 
 class ThroughputCallback(TrainerCallback):
-    """Adds `tokens_per_s`, `tflops_per_device`, `mfu` and `peak_memory_gb` to each training log.
+    """Measures `tokens_per_s`, `tflops_per_device`, `mfu` and `peak_memory_gb` for each training log.
+
+    `PretrainingTrainer` adds them to its training logs (`training_log_metrics`).
 
     Time is wall-clock between the ends of consecutive optimizer steps (data loading included), averaged
     over the steps since the previous log. The first `warmup_steps` steps of a run (compilation, allocator
@@ -256,7 +242,7 @@ class ThroughputCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self._restart_clock()
 
-    def measure(self) -> dict[str, float]:
+    def training_log_metrics(self) -> dict[str, float]:
         """Metrics over the steps since the last call (empty if none were timed); starts a new window."""
         if self._window_steps == 0 or self._window_seconds <= 0:
             return {}
@@ -271,11 +257,6 @@ class ThroughputCallback(TrainerCallback):
         self._window_seconds, self._window_steps = 0.0, 0
         return metrics
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if _is_training_log(logs):
-            metrics = self.measure()
-            if metrics:
-                _add_to_logs(state, logs, metrics)
 
 
 def _any_non_finite(grads: list[torch.Tensor], device: torch.device | str) -> bool:
@@ -294,14 +275,15 @@ def _any_non_finite(grads: list[torch.Tensor], device: torch.device | str) -> bo
     return bool(flag.item())
 
 
-class NonFiniteGuardCallback(TrainerCallback):
+class NonFiniteGuardCallback(TrainerCallback, ExportableState):
     """Skips optimizer steps whose gradients contain NaN or inf, and stops training after a run of them.
 
     Just before each optimizer step (after gradient clipping) the gradients are checked; if any is
     non-finite, every `param.grad` is set to None. torch's optimizers pass over parameters without a
     gradient, so the step changes neither the weights nor AdamW's moments and step counts (weight decay
-    included); the learning-rate schedule still advances. `skipped_steps` counts the skipped steps and is
-    added to every training log.
+    included); the learning-rate schedule still advances. `skipped_steps` counts the skipped steps;
+    `PretrainingTrainer` adds it to every training log. The counts are saved in each checkpoint's
+    `trainer_state.json` and taken up again by a resumed run.
 
     After `max_consecutive` skipped steps in a row the run is beyond a transient spike: the callback asks
     the Trainer to save a checkpoint at that step (the weights are those from before the run of skips) and
@@ -346,9 +328,20 @@ class NonFiniteGuardCallback(TrainerCallback):
             control.should_training_stop = True
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if _is_training_log(logs):
-            _add_to_logs(state, logs, {"skipped_steps": self.skipped_steps})
+    def training_log_metrics(self) -> dict[str, float]:
+        return {"skipped_steps": self.skipped_steps}
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"max_consecutive": self.max_consecutive},
+                "attributes": {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run's state comes from the checkpoint's trainer_state.json; a fresh run's holds our zeros.
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, dict):
+            attributes = saved.get("attributes", {})
+            self.skipped_steps = int(attributes.get("skipped_steps", self.skipped_steps))
+            self.consecutive = int(attributes.get("consecutive", self.consecutive))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,7 +436,6 @@ __all__ = [
     "NonFiniteGuardCallback",
     "SCHEDULES",
     "ThroughputCallback",
-    "add_callbacks_first",
     "PretrainingTrainer",
     "collate_packed",
     "decay_parameter_groups",

@@ -31,7 +31,6 @@ from modeling.training import (
     NonFiniteGuardCallback,
     PretrainingTrainer,
     ThroughputCallback,
-    add_callbacks_first,
     collate_packed,
     device_peak_flops,
     latest_complete_checkpoint,
@@ -153,9 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = device_peak_flops(data_args.peak_flops)
     guard = NonFiniteGuardCallback(data_args.max_consecutive_nonfinite)
     trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collate_packed, processing_class=tokenizer)
-    # First in line, so the printer and the reporters see the metrics these callbacks add to each log.
-    add_callbacks_first(trainer, ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard)
+                                 data_collator=collate_packed, processing_class=tokenizer,
+                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
     if trainer.is_world_process_zero():
         print(f"[pretrain] {sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} blocks of "
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "

@@ -21,7 +21,6 @@ from modeling.training import (
     NonFiniteGuardCallback,
     PretrainingTrainer,
     ThroughputCallback,
-    add_callbacks_first,
     collate_packed,
     decay_parameter_groups,
     device_peak_flops,
@@ -198,30 +197,20 @@ def test_throughput_callback_reports_tokens_flops_mfu_and_memory(tmp_path):
         clock.now = now
         state.global_step = step
         callback.on_step_end(args, state, control)
-    logs = {"loss": 1.0}
-    state.log_history.append({**logs, "step": state.global_step})  # as Trainer.log does before on_log
-    callback.on_log(args, state, control, logs=logs)
+    logs = callback.training_log_metrics()
 
     # 3 timed steps in 2 s: 150 tokens/s; 600 x 150 / 2 devices = 45 kFLOP/s per device; MFU 0.045.
     assert logs["tokens_per_s"] == pytest.approx(150.0)
     assert logs["tflops_per_device"] == pytest.approx(45e3 / 1e12)
     assert logs["mfu"] == pytest.approx(0.045)
     assert logs["peak_memory_gb"] > 0
-    assert state.log_history[-1] == {**logs, "step": 5}
 
     clock.now = 30.0  # an evaluation ran from 15 s to 30 s
-    eval_logs = {"eval_loss": 2.0}
-    callback.on_log(args, state, control, logs=eval_logs)
     callback.on_evaluate(args, state, control)
     clock.now = 34.0
     callback.on_step_end(args, state, control)
-    logs = {"loss": 1.0}
-    callback.on_log(args, state, control, logs=logs)
-    assert eval_logs == {"eval_loss": 2.0}
-    assert logs["tokens_per_s"] == pytest.approx(25.0)  # one step of 4 s, the evaluation not counted
-    no_new_steps = {"loss": 1.0}
-    callback.on_log(args, state, control, logs=no_new_steps)
-    assert no_new_steps == {"loss": 1.0}
+    assert callback.training_log_metrics()["tokens_per_s"] == pytest.approx(25.0)  # one 4 s step, not the eval
+    assert callback.training_log_metrics() == {}  # no new steps since the last log
 
 
 def test_device_peak_flops(monkeypatch):
@@ -268,20 +257,19 @@ class WeightRecorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def train(output_dir, dataset, *, max_steps, batch_size=2, accumulation=1, trainer_cls=PretrainingTrainer, first=(),
-          callbacks=(), **overrides) -> Trainer:
+def train(output_dir, dataset, *, max_steps, batch_size=2, accumulation=1, trainer_cls=PretrainingTrainer,
+          callbacks=(), resume_from_checkpoint=None, **overrides) -> Trainer:
     model = small_model().train()
     model.config.use_cache = False
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
-        **overrides,
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
+        **{"save_strategy": "no", **overrides},
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate_packed,
                           callbacks=list(callbacks))
-    add_callbacks_first(trainer, *first)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 
@@ -298,8 +286,7 @@ def test_nan_step_is_skipped_and_training_goes_on(tmp_path, dataset):
     throughput = ThroughputCallback(flops_per_token=1e6, tokens_per_step=2 * SEQ_LEN, peak_flops_per_device=1e12,
                                     num_devices=1)
     NaNLossTrainer.nan_steps = frozenset({3})
-    trainer = train(tmp_path, dataset, max_steps=6, trainer_cls=NaNLossTrainer, first=(throughput, guard),
-                    callbacks=(recorder,))
+    trainer = train(tmp_path, dataset, max_steps=6, trainer_cls=NaNLossTrainer, callbacks=(throughput, guard, recorder))
 
     weights = recorder.weights
     assert weights_equal(weights[3], weights[2])  # the NaN step changed nothing
@@ -322,11 +309,23 @@ def test_nan_step_is_skipped_and_training_goes_on(tmp_path, dataset):
     assert all(k in reported[-1] for k in ("tokens_per_s", "tflops_per_device", "mfu", "peak_memory_gb"))
 
 
+def test_skipped_step_count_survives_a_resume(tmp_path, dataset):
+    NaNLossTrainer.nan_steps = frozenset({2})
+    saving = dict(save_strategy="steps", save_steps=3)
+    train(tmp_path, dataset, max_steps=3, trainer_cls=NaNLossTrainer, callbacks=(NonFiniteGuardCallback(),), **saving)
+    guard = NonFiniteGuardCallback()  # a new process's guard starts from zero
+    resumed = train(tmp_path, dataset, max_steps=5, trainer_cls=NaNLossTrainer, callbacks=(guard,),
+                    resume_from_checkpoint=str(tmp_path / "checkpoint-3"), **saving)
+
+    assert guard.skipped_steps == 1 and guard.consecutive == 0
+    logs = training_logs(resumed)
+    assert [logs[s]["skipped_steps"] for s in (4, 5)] == [1, 1]
+
+
 def test_consecutive_nan_steps_stop_training_with_a_checkpoint(tmp_path, dataset):
     guard, recorder = NonFiniteGuardCallback(max_consecutive=3), WeightRecorder()
     NaNLossTrainer.nan_steps = frozenset(range(2, 100))
-    trainer = train(tmp_path, dataset, max_steps=8, trainer_cls=NaNLossTrainer, first=(guard,),
-                    callbacks=(recorder,))
+    trainer = train(tmp_path, dataset, max_steps=8, trainer_cls=NaNLossTrainer, callbacks=(guard, recorder))
 
     assert trainer.state.global_step == 4  # steps 2, 3 and 4 skipped, then stop
     assert guard.skipped_steps == 3 and guard.consecutive == 3
