@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
@@ -88,6 +89,15 @@ def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[s
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+STREAM_STATE_FILE = "stream_state_{rank}.json"
+
+
+def is_rank_stream(dataset: Any) -> bool:
+    """An iterable dataset with `state_dict()`/`load_state_dict()` (e.g. `StreamingPackedDataset`)."""
+    return (isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "state_dict")
+            and hasattr(dataset, "load_state_dict"))
+
+
 class PretrainingTrainer(Trainer):
     """The HF Trainer with Ember's weight-decay split (`decay_parameter_names`) and callback metrics in its logs.
 
@@ -97,7 +107,47 @@ class PretrainingTrainer(Trainer):
     Each periodic training log (the one with "loss") also gets the metrics of every callback that has a
     `training_log_metrics()` method (`ThroughputCallback`, `NonFiniteGuardCallback`), added before the log
     is recorded in `log_history` and handed to the printer and the reporters (TensorBoard, trackio, W&B).
+
+    A stateful stream as `train_dataset` (`is_rank_stream`; each rank passes its own share, e.g. built on
+    `data_prep.token_dataset.open_document_stream`) is read by a plain per-rank DataLoader: accelerate's
+    would have rank 0 read for everyone or every rank read everything, and it reads a batch ahead. Each
+    checkpoint holds every rank's stream state (`stream_state_<rank>.json`, written with the RNG state,
+    before `trainer_state.json` marks the checkpoint complete), and a resumed run continues the stream from
+    it instead of re-reading and dropping the consumed batches.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if is_rank_stream(self.train_dataset):
+            if self.args.dataloader_num_workers:
+                raise ValueError("dataloader_num_workers: must be 0 for a streaming train dataset (its resume state "
+                                 "lives in the main process)")
+            self.args.ignore_data_skip = True  # the stream's own state replaces skip-by-re-reading
+
+    def get_train_dataloader(self) -> DataLoader:
+        if not is_rank_stream(self.train_dataset):
+            return super().get_train_dataloader()
+        return DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                          pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available())
+
+    def _stream_state_path(self, checkpoint: str | os.PathLike) -> Path:
+        return Path(checkpoint) / STREAM_STATE_FILE.format(rank=self.args.process_index)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if is_rank_stream(self.train_dataset):
+            path = self._stream_state_path(output_dir)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.train_dataset.state_dict()))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and is_rank_stream(self.train_dataset):
+            path = self._stream_state_path(checkpoint)
+            if not path.is_file():
+                raise ValueError(f"{path}: missing; resume a streaming run from a checkpoint of a streaming run "
+                                 f"with the same number of ranks ({self.args.world_size})")
+            self.train_dataset.load_state_dict(json.loads(path.read_text()))
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
@@ -438,6 +488,7 @@ __all__ = [
     "ThroughputCallback",
     "PretrainingTrainer",
     "collate_packed",
+    "is_rank_stream",
     "decay_parameter_groups",
     "decay_parameter_names",
     "device_peak_flops",

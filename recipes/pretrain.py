@@ -22,7 +22,8 @@ import transformers
 from huggingface_hub import upload_folder
 from transformers import GenerationConfig, SchedulerType, TrainingArguments, set_seed
 
-from data_prep.token_dataset import PackedDataset
+from data_prep.config import PackConfig, load_config
+from data_prep.token_dataset import PackedDataset, StreamingPackedDataset, open_document_stream
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from modeling import EmberConfig, EmberForCausalLM, sizing
 from modeling.recipe_config import RecipeConfigError, parse_recipe_args
@@ -50,6 +51,11 @@ class ModelArguments:
 class DataArguments:
     data_dir: str = field(default="", metadata={"help": "output_dir of a data_prep run (tokenizer/, tokens/)"})
     position_ids: bool = field(default=True, metadata={"help": "per-document positions: no attention across EOS"})
+    streaming: bool = field(default=False, metadata={"help": "tokenize and pack documents on the fly"})
+    stream_source: str = field(default="", metadata={
+        "help": "streaming: documents folder/file or Hub dataset name; default <data_dir>/documents/train"})
+    text_field: str = "text"
+    seq_len: int = field(default=0, metadata={"help": "streaming: block length; 0 = the data_prep run's pack.seq_len"})
     max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
     min_lr_ratio: float = 0.1
@@ -89,6 +95,19 @@ def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberFor
     return model
 
 
+def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingArguments) -> StreamingPackedDataset:
+    """This rank's share of the documents, packed on the fly like the data_prep run packed its shards."""
+    data_dir = Path(data_args.data_dir)
+    pack = load_config(data_dir / "pipeline_config.yaml").pack if (data_dir / "pipeline_config.yaml").is_file() \
+        else PackConfig()
+    if data_args.seq_len:
+        pack.seq_len = data_args.seq_len
+    documents = open_document_stream(data_args.stream_source or data_dir / "documents" / "train",
+                                     text_field=data_args.text_field, rank=args.process_index,
+                                     world_size=args.world_size)
+    return StreamingPackedDataset(documents, tokenizer, pack, return_position_ids=data_args.position_ids)
+
+
 def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_args: DataArguments, seq_len: int,
                   tokens_per_step: int, peak: float | None, metrics: dict) -> None:
     """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
@@ -124,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = Path(data_args.data_dir)
         tokenizer = load_tokenizer(data_dir / "tokenizer")
         fingerprint = tokenizer_fingerprint(tokenizer)
-        train = PackedDataset(data_dir / "tokens" / "train", return_position_ids=data_args.position_ids,
-                              expected_fingerprint=fingerprint)
+        if data_args.streaming:
+            train = streaming_train_dataset(data_args, tokenizer, args)
+        else:
+            train = PackedDataset(data_dir / "tokens" / "train", return_position_ids=data_args.position_ids,
+                                  expected_fingerprint=fingerprint)
         validation_dir = data_dir / "tokens" / "validation"
         validation = (PackedDataset(validation_dir, return_position_ids=data_args.position_ids,
                                     expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
@@ -133,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             validation = None
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len)
-    except (RecipeConfigError, ValueError) as err:
+    except (RecipeConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -141,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
                        * train.seq_len)
     if data_args.max_tokens:
         args.max_steps = math.ceil(data_args.max_tokens / tokens_per_step)
+    if data_args.streaming and args.max_steps <= 0:
+        print("error: max_steps: a streaming run needs max_steps (or max_tokens); a stream has no length",
+              file=sys.stderr)
+        return 2
     scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(data_args.schedule, data_args.min_lr_ratio,
                                                               max_steps=args.max_steps)
     args.lr_scheduler_type = SchedulerType(scheduler)
@@ -155,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                                  data_collator=collate_packed, processing_class=tokenizer,
                                  callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
     if trainer.is_world_process_zero():
-        print(f"[pretrain] {sum(p.numel() for p in model.parameters()):,} parameters | {len(train):,} blocks of "
+        blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
+        print(f"[pretrain] {sum(p.numel() for p in model.parameters()):,} parameters | {blocks} of "
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
 
