@@ -64,7 +64,7 @@ class DataArguments:
     expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
 
 
-PATH_KEYS = ("data_dir", "output_dir", "logging_dir")
+PATH_KEYS = ("data_dir", "output_dir")
 REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_steps", "max_grad_norm",
                           "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
 

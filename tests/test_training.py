@@ -2,6 +2,7 @@
 throughput and non-finite-gradient callbacks, LR schedules and gradient accumulation, through a real
 `Trainer` on CPU with tiny models and real packed shards."""
 
+import json
 import math
 import textwrap
 from pathlib import Path
@@ -264,8 +265,8 @@ def train(output_dir, dataset, *, max_steps, batch_size=2, accumulation=1, train
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, logging_steps=1,
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
-        **{"save_strategy": "no", **overrides},
+        use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
+        **{"save_strategy": "no", "report_to": [], **overrides},
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate_packed,
                           callbacks=list(callbacks))
@@ -418,3 +419,27 @@ def test_lr_scheduler_kwargs_rejects_bad_settings():
         lr_scheduler_kwargs("wsd", decay_fraction=0.0, max_steps=10)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         lr_scheduler_kwargs("cosine", min_lr_ratio=1.5)
+
+
+def test_monitoring_metrics_reach_tensorboard_and_trackio(tmp_path, dataset, monkeypatch):
+    """report_to: both local trackers receive the callbacks' metrics with each training log."""
+    import sqlite3
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tensorboard"))
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    throughput = ThroughputCallback(flops_per_token=1e6, tokens_per_step=2 * SEQ_LEN, peak_flops_per_device=1e12,
+                                    num_devices=1, warmup_steps=1)
+    train(tmp_path / "out", dataset, max_steps=3, callbacks=(throughput, NonFiniteGuardCallback()),
+          report_to=["tensorboard", "trackio"], project="ember-test", run_name="run")
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/skipped_steps")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/mfu")] == [2, 3]
+    with sqlite3.connect(tmp_path / "trackio" / "ember-test.db") as db:
+        logged = [json.loads(row[0]) for row in db.execute("SELECT metrics FROM metrics ORDER BY step")]
+    steps = [entry for entry in logged if "train/loss" in entry]
+    assert len(steps) == 3 and all("train/skipped_steps" in entry for entry in steps)
+    assert all("train/tokens_per_s" in entry and "train/mfu" in entry for entry in steps[1:])
