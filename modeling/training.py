@@ -152,6 +152,22 @@ class PretrainingTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # FSDP2's fully_shard swaps the model's class for a subclass made inside torch (FSDPEmberForCausalLM);
+        # save_pretrained would copy that torch module as the model's code and point auto_map at it, and the
+        # folder would not load. The Trainer hands a gathered state dict here, so save under the model's own class.
+        from torch.distributed.fsdp import FSDPModule
+
+        model = self.accelerator.unwrap_model(self.model)
+        sharded_class = type(model)
+        if not isinstance(model, FSDPModule):
+            return super()._save(output_dir, state_dict)
+        model.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
+        try:
+            return super()._save(output_dir, state_dict)
+        finally:
+            model.__class__ = sharded_class
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             for callback in self.callback_handler.callbacks:

@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                                  callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
     if trainer.is_world_process_zero():
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
-        print(f"[pretrain] {sum(p.numel() for p in model.parameters()):,} parameters | {blocks} of "
+        # ZeRO-3 builds the model already partitioned: each parameter keeps its full size in ds_numel
+        parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        print(f"[pretrain] {parameters:,} parameters | {blocks} of "
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
 
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
+    trainer.save_state()  # trainer_state.json: the log history and step count next to the weights
     if trainer.is_world_process_zero():
         write_reports(trainer, model_args, data_args, train.seq_len, tokens_per_step, peak, metrics)
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
