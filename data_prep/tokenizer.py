@@ -35,6 +35,9 @@ The chat template is ChatML-like; each message renders as
     <|im_start|>{role}\\n{content}<|im_end|>\\n
 
 and `add_generation_prompt=True` appends `<|im_start|>assistant\\n`. No BOS is prepended.
+An assistant message's content and its closing `<|im_end|>` sit in a `{% generation %}` block, so
+`apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks the tokens a
+finetuned model should learn to produce, stop token included (the markers render as nothing).
 `parse_chat` turns a rendered conversation back into messages.
 """
 
@@ -81,7 +84,13 @@ BYTE_PIECE_SCORE_GAP = 1000.0
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
+    "{{ '" + IM_START + "' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + '" + IM_END + "' }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ message['content'] + '" + IM_END + "' }}"
+    "{%- endif -%}"
+    "{{ '\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{ '" + IM_START + "assistant\\n' }}"

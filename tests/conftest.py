@@ -35,6 +35,29 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
     return model.eval()
 
 
+def recipe_error(stderr: str) -> str:
+    """The one error line a recipe printed, checking that it is the last line and comes without a traceback.
+
+    Libraries may log their own warnings to stderr first (bitsandbytes does on CPUs with AVX512-BF16),
+    so the check is on Ember's lines, not on the whole stream.
+    """
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: a second thread gains them nothing, and on a busy CPU the hand-offs
+    between threads can make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-import torch
 from conftest import REPO_ROOT, tiny_model
 
 from data_prep.tokenizer import load_tokenizer
@@ -16,13 +15,7 @@ TASKS = REPO_ROOT / "tests" / "data" / "lm_eval_tasks"
 RECIPE = REPO_ROOT / "recipes" / "eval_downstream.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from more threads, and on a shared CPU the extra threads mostly wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

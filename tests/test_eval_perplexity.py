@@ -49,13 +49,7 @@ def model(tokenizer):
     return tiny_model(vocab_size=len(tokenizer))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from more threads, and on a shared CPU the extra threads mostly wait.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logprobs(model, tokens: list[int]) -> torch.Tensor:

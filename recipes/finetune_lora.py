@@ -1,0 +1,156 @@
+"""LoRA / QLoRA finetuning of an Ember checkpoint on instruction data with the HF Trainer.
+
+    python -m data_prep.instructions --data_dir outputs/data/stdlib --output outputs/instructions/stdlib
+    python recipes/finetune_lora.py --config recipes/configs/lora_nano_cpu.yaml [--key=value ...]
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_lora.py \\
+        --config recipes/configs/qlora_7b_1gpu.yaml
+
+Keys: `ModelArguments`, `LoraArguments` and `DataArguments` below, plus every `transformers.TrainingArguments`
+field. `output_dir` receives the adapter (adapter_config.json, adapter_model.safetensors, tokenizer) and
+`finetune_metrics.json` (response-only validation loss before and after, parameter counts, data counts);
+with `merge: true`, `output_dir/merged/` holds the base with the adapter folded in, a plain checkpoint
+that loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import Trainer, TrainingArguments, set_seed
+
+from data_prep.tokenizer import load_tokenizer
+from modeling.finetune import (
+    InstructionCollator,
+    InstructionDataset,
+    add_lora,
+    load_base_model,
+    lora_config,
+    merge_adapter,
+    parameter_counts,
+    response_loss,
+)
+from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="", metadata={"help": "checkpoint folder with weights and tokenizer"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: base in 4-bit NF4 (bitsandbytes)"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of the unquantized base: auto (as saved), "
+                                                          "float32, bfloat16"})
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Linear layer names; default q/k/v/o_proj and gate/up/down_proj"})
+    lora_target_experts: bool = field(default=True, metadata={"help": "MoE: adapt the experts' 3D weights too"})
+    merge: bool = field(default=True, metadata={"help": "also save the merged model to output_dir/merged"})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(default="", metadata={"help": "jsonl of {prompt, response} or {messages} records"})
+    validation_file: str | None = field(default=None, metadata={"help": "for the before/after response loss"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut"})
+
+
+PATH_KEYS = ("model_name_or_path", "train_file", "validation_file", "output_dir", "logging_dir")
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_inputs(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments):
+    """Tokenizer, datasets and the LoRA-wrapped model; every problem is a one-line ValueError."""
+    if not model_args.model_name_or_path or not Path(model_args.model_name_or_path).is_dir():
+        raise RecipeConfigError(f"model_name_or_path: checkpoint folder not found: {model_args.model_name_or_path!r}")
+    if not data_args.train_file:
+        raise RecipeConfigError("train_file: required (python -m data_prep.instructions writes one)")
+    if model_args.dtype not in DTYPES:
+        raise RecipeConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {model_args.dtype!r}")
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    train = InstructionDataset(data_args.train_file, tokenizer, data_args.max_length)
+    validation = (InstructionDataset(data_args.validation_file, tokenizer, data_args.max_length)
+                  if data_args.validation_file else None)
+    model = load_base_model(model_args.model_name_or_path, load_in_4bit=model_args.load_in_4bit,
+                            dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation)
+    if model.config.vocab_size < len(tokenizer):
+        raise RecipeConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} is smaller than the "
+                                f"tokenizer's {len(tokenizer)} tokens")
+    if data_args.max_length > model.config.max_position_embeddings:
+        raise RecipeConfigError(f"max_length: {data_args.max_length} exceeds the model's max_position_embeddings "
+                                f"{model.config.max_position_embeddings}")
+    model.config.use_cache = False  # training; the merged model's generation config is unaffected
+    config = lora_config(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+                         target_modules=lora_args.lora_target_modules, target_experts=lora_args.lora_target_experts)
+    return tokenizer, train, validation, config, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, lora_args, data_args, args = parse_recipe_args(
+            (ModelArguments, LoraArguments, DataArguments, TrainingArguments),
+            sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        set_seed(args.seed)
+        tokenizer, train, validation, config, base = load_inputs(model_args, lora_args, data_args)
+        model = add_lora(base, config)
+    except (RecipeConfigError, ValueError, OSError) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+
+    args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
+    collator = InstructionCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer)
+    autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    counts = parameter_counts(model)
+    if trainer.is_world_process_zero():
+        print(f"[finetune] {'QLoRA (4-bit base)' if model_args.load_in_4bit else 'LoRA'} r={lora_args.lora_r} on "
+              f"{sorted(config.target_modules)}{' + experts' if config.target_parameters else ''} | "
+              f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
+              f"({counts['trainable_percent']:.2f}%) | {len(train):,} examples ({train.stats['truncated']} cut to "
+              f"{data_args.max_length} tokens) | {args.max_steps} steps")
+
+    def evaluate(stage: str) -> dict:
+        result = response_loss(trainer.model, validation, collator, args.per_device_eval_batch_size, autocast)
+        if trainer.is_world_process_zero():
+            print(f"[finetune] response loss {stage} training: {result['loss']:.4f} "
+                  f"(perplexity {result['perplexity']:.2f}, {result['tokens']:,} tokens)")
+        return result
+
+    metrics: dict = {"parameters": counts, "data": {"train": train.stats}}
+    if validation is not None:
+        metrics["data"]["validation"] = validation.stats
+        metrics["eval_before"] = evaluate("before")
+    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics["train"] = result.metrics
+    if validation is not None:
+        metrics["eval_after"] = evaluate("after")
+    trainer.save_model(args.output_dir)  # the adapter and the tokenizer
+
+    if trainer.is_world_process_zero():
+        output_dir = Path(args.output_dir)
+        metrics["config"] = {**dataclasses.asdict(model_args), **dataclasses.asdict(lora_args),
+                             **dataclasses.asdict(data_args), "learning_rate": args.learning_rate,
+                             "max_steps": args.max_steps, "seed": args.seed}
+        if lora_args.merge:
+            merge_adapter(output_dir, output_dir / "merged", base_model=model_args.model_name_or_path,
+                          tokenizer=tokenizer)
+            metrics["merged_model"] = str(output_dir / "merged")
+            print(f"[finetune] merged model -> {output_dir / 'merged'}")
+        (output_dir / "finetune_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_float32_matmul_precision("high")
+    transformers.logging.set_verbosity_warning()
+    sys.exit(main())
