@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
+# The main job: data prep -> tokenizer -> pretraining -> held-out perplexity -> LoRA -> samples -> report.
 quickstart: install
-	$(PY) recipes/smoke_pretrain.py
+	$(PY) recipes/quickstart.py
 
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
 data: install

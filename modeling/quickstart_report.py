@@ -1,0 +1,130 @@
+"""The quickstart's final report: one Markdown page and one JSON file with every number the stages produced.
+
+`write_quickstart_report(output_dir, results, ...)` takes the per-stage results of `recipes/quickstart.py`
+(the JSON each stage leaves in `<output_dir>/stages/`) and writes `<output_dir>/report.md` (tables, the
+pretraining plots, the generated samples) and `<output_dir>/results.json` (the headline numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .run_report import _duration, _number, _table
+
+STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
+                "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation"}
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    return f"{device}; Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
+    """The numbers a reader looks for first, flat (also the content of results.json's "headline")."""
+    data = results.get("data", {}).get("report", {})
+    steps = {step["step"]: step for step in data.get("steps", [])}
+    tokenizer = data.get("tokenizer_report", {})
+    pretrain = results.get("pretrain", {})
+    metrics = pretrain.get("metrics", {})
+    held_out = results.get("perplexity", {})
+    finetune = results.get("finetune", {}).get("metrics", {})
+    instructions = results.get("instructions", {})
+    return {
+        "documents_read": steps.get("read", {}).get("docs_in"),
+        "documents_kept": steps.get("split", {}).get("docs_out"),
+        "train_tokens": data.get("tokens_train", {}).get("num_tokens"),
+        "validation_documents": data.get("tokens_validation", {}).get("num_documents"),
+        "tokenizer_bytes_per_token": tokenizer.get("bytes_per_token"),
+        "pretrain_steps": pretrain.get("steps"),
+        "pretrain_first_loss": pretrain.get("first_logged_loss"),
+        "pretrain_last_loss": pretrain.get("last_logged_loss"),
+        "pretrain_seconds": metrics.get("train_runtime"),
+        "held_out_bpb_untrained": held_out.get("untrained", {}).get("bits_per_byte"),
+        "held_out_bpb_pretrained": held_out.get("pretrained", {}).get("bits_per_byte"),
+        "held_out_perplexity_pretrained": held_out.get("pretrained", {}).get("perplexity"),
+        "held_out_tokens_scored": held_out.get("pretrained", {}).get("num_tokens"),
+        "instruction_examples_train": instructions.get("train"),
+        "instruction_examples_validation": instructions.get("validation"),
+        "lora_trainable_parameters": finetune.get("parameters", {}).get("trainable"),
+        "lora_response_loss_before": finetune.get("eval_before", {}).get("loss"),
+        "lora_response_loss_after": finetune.get("eval_after", {}).get("loss"),
+    }
+
+
+def _rows(numbers: dict[str, Any], keys: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    return [(label, "-" if numbers.get(key) is None else _number(numbers.get(key), spec)) for key, label, spec in keys]
+
+
+def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *, pretrain_dir: str | Path,
+                            wall_seconds: float) -> Path:
+    """Write report.md and results.json under `output_dir`; returns the report's path."""
+    output_dir, pretrain_dir = Path(output_dir), Path(pretrain_dir)
+    numbers = headline_numbers(results)
+    stage_seconds = {name: results[name].get("seconds") for name in STAGE_TITLES if name in results}
+    lines = ["# Ember quickstart report", "",
+             f"Machine: {_machine()}. Stage times below are those of the run that produced each stage "
+             f"(a re-run skips finished stages); this invocation took {_duration(wall_seconds)}.", ""]
+    lines += _table(("stage", "time"), [(STAGE_TITLES[name], _duration(seconds) if seconds is not None else "-")
+                                        for name, seconds in stage_seconds.items()])
+    total = sum(s for s in stage_seconds.values() if s is not None)
+    lines += [f"| **all stages** | **{_duration(total)}** |", ""]
+
+    lines += ["## Data", ""]
+    lines += _table(("", "value"), _rows(numbers, [
+        ("documents_read", "documents read (the interpreter's standard library)", ",d"),
+        ("documents_kept", "after cleaning, filters and dedup", ",d"),
+        ("validation_documents", "held out for validation", ",d"),
+        ("train_tokens", "training tokens", ",d"),
+        ("tokenizer_bytes_per_token", "tokenizer: bytes per token on held-out text", ".2f")]))
+    lines += ["", "## Pretraining", ""]
+    lines += _table(("", "value"), _rows(numbers, [
+        ("pretrain_steps", "optimizer steps", ",d"), ("pretrain_first_loss", "first logged training loss", ".3f"),
+        ("pretrain_last_loss", "last logged training loss", ".3f"),
+        ("pretrain_seconds", "training time (s)", ".0f")]))
+    report_md = pretrain_dir / "run_report" / "report.md"
+    if report_md.is_file():
+        lines += ["", f"Full run report: [{report_md.relative_to(output_dir)}]({report_md.relative_to(output_dir)})",
+                  ""]
+        for plot in sorted((pretrain_dir / "run_report").glob("*.png")):
+            lines.append(f"![{plot.stem}]({plot.relative_to(output_dir)})")
+    lines += ["", "## Held-out perplexity", "",
+              "Bits per byte = summed next-token loss / (ln 2 x UTF-8 bytes of the text): independent of the "
+              "tokenizer, so it compares with any other model on the same text.", ""]
+    held_out = results.get("perplexity", {})
+    lines += _table(("model", "bits/byte", "perplexity", "tokens scored", "documents"), [
+        (name, _number(r.get("bits_per_byte"), ".3f"), _number(r.get("perplexity"), ",.1f"),
+         _number(r.get("num_tokens"), ",d"), _number(r.get("num_documents"), ",d"))
+        for name, r in (("untrained (same architecture)", held_out.get("untrained", {})),
+                        ("pretrained", held_out.get("pretrained", {})))])
+    lines += ["", "## LoRA finetuning (docstring -> function)", ""]
+    lines += _table(("", "value"), _rows(numbers, [
+        ("instruction_examples_train", "training examples", ",d"),
+        ("instruction_examples_validation", "validation examples", ",d"),
+        ("lora_trainable_parameters", "trainable (adapter) parameters", ",d"),
+        ("lora_response_loss_before", "validation response loss before", ".3f"),
+        ("lora_response_loss_after", "validation response loss after", ".3f")]))
+    lines += ["", "## Samples", ""]
+    for group, title in (("pretrained", "Pretrained model, completion"), ("finetuned", "Finetuned model, chat")):
+        for item in results.get("generate", {}).get(group, []):
+            lines += [f"**{title}** - prompt `{item['prompt']}`:", "", "```", item["prompt"] if not item["chat"]
+                      else "", item["text"], "```", ""]
+    report = output_dir / "report.md"
+    report.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (output_dir / "results.json").write_text(json.dumps({"headline": numbers, "stage_seconds": stage_seconds,
+                                                         "stages": results}, indent=2) + "\n", encoding="utf-8")
+    return report

@@ -1,0 +1,199 @@
+"""Ember end to end, offline, on a CPU: raw text to a finetuned model and a report, in one command.
+
+    python recipes/quickstart.py                       # = --config recipes/configs/quickstart_cpu.yaml
+    python recipes/quickstart.py --config recipes/configs/quickstart_cpu.yaml --pretrain_overrides='{max_steps: 20}'
+
+Stages, each one a recipe of its own that this script only chains:
+  1. data          python -m data_prep on the embedded corpus (the interpreter's standard library):
+                   cleaning, quality filters, dedup, held-out split, tokenizer training, packing
+  2. pretrain      recipes/pretrain.py: a nano model on the packed shards
+  3. perplexity    held-out bits per byte of the untrained and of the pretrained model (modeling.evaluation)
+  4. instructions  "docstring -> function" pairs from the training documents (data_prep.instructions)
+  5. finetune      recipes/finetune_lora.py: LoRA on the pretrained model, response loss before and after
+  6. generate      samples from the pretrained model and chat answers from the finetuned one
+  7. report        <output_dir>/report.md and results.json with every number
+
+A stage that finished leaves `<output_dir>/stages/<stage>.json`, and a re-run skips it (`--force=true`
+reruns everything); an interrupted data or pretraining stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+
+from data_prep.config import load_config  # noqa: E402
+from data_prep.instructions import build_instruction_set  # noqa: E402
+from data_prep.io import atomic_write_text  # noqa: E402
+from data_prep.pipeline import run_pipeline  # noqa: E402
+from modeling.evaluation import evaluate_path, load_model_and_tokenizer  # noqa: E402
+from modeling.generation import generate, load_for_generation  # noqa: E402
+from modeling.quickstart_report import write_quickstart_report  # noqa: E402
+from modeling.recipe_config import RecipeConfigError, parse_recipe_args  # noqa: E402
+
+DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "quickstart_cpu.yaml"
+PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
+
+
+@dataclass
+class QuickstartArguments:
+    output_dir: str = field(default="", metadata={"help": "everything the run writes goes under this folder"})
+    force: bool = field(default=False, metadata={"help": "rerun finished stages"})
+    data_config: str = ""
+    data_overrides: list[str] = field(default_factory=list, metadata={"help": "--key=value for python -m data_prep"})
+    pretrain_config: str = ""
+    pretrain_overrides: dict = field(default_factory=dict)
+    eval_max_documents: int = field(default=0, metadata={"help": "held-out documents scored; 0 = all"})
+    eval_window: int = 512
+    eval_stride: int = 256
+    eval_batch_size: int = 4
+    instruction_max_examples: int = 2000
+    finetune_config: str = ""
+    finetune_overrides: dict = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list, metadata={"help": "completions from the pretrained model"})
+    chat_prompts: list[str] = field(default_factory=list, metadata={"help": "questions for the finetuned model"})
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    top_k: int = 40
+
+
+def load_recipe(name: str):
+    """recipes/<name>.py as a module (recipes are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"ember_recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def as_overrides(values: dict) -> list[str]:
+    return [f"--{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
+            for key, value in values.items()]
+
+
+class Stages:
+    """Runs stages in order; a finished stage's result is read back instead of running it again."""
+
+    def __init__(self, folder: Path, force: bool):
+        self.folder, self.force = folder, force
+        self.results: dict[str, dict] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, title: str, work: Callable[[], dict]) -> dict:
+        marker = self.folder / f"{name}.json"
+        number = len(self.results) + 1
+        if marker.is_file() and not self.force:
+            result = json.loads(marker.read_text())
+            print(f"\n=== [{number}/7] {title}: done in an earlier run ({result['seconds']:.0f} s), skipped ===")
+        else:
+            print(f"\n=== [{number}/7] {title} ===", flush=True)
+            start = time.perf_counter()
+            result = {**work(), "seconds": time.perf_counter() - start}
+            atomic_write_text(marker, json.dumps(result, indent=2) + "\n")
+            print(f"=== {title}: {result['seconds']:.0f} s ===", flush=True)
+        self.results[name] = result
+        return result
+
+
+def held_out_bits_per_byte(model_dir: Path, data_dir: Path, args: QuickstartArguments, untrained: bool) -> dict:
+    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")
+    if untrained:  # the same architecture, freshly initialised: what the data alone gives
+        torch.manual_seed(0)
+        model = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        result = evaluate_path(model, tokenizer, data_dir / "documents" / "validation", window=args.eval_window,
+                               stride=args.eval_stride, batch_size=args.eval_batch_size,
+                               max_documents=args.eval_max_documents or None)
+    return result.to_dict()
+
+
+def sample(model_dir: Path, prompts: list[str], args: QuickstartArguments, chat: bool) -> list[dict]:
+    model, tokenizer = load_for_generation(model_dir, device="cpu")
+    samples = []
+    for prompt in prompts:
+        print(f"\n--- {'chat' if chat else 'prompt'}: {prompt!r}", flush=True)
+        streamer = transformers.TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        text = generate(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=1.0, top_k=args.top_k, seed=0, chat=chat, streamer=streamer)
+        samples.append({"prompt": prompt, "chat": chat, "text": text})
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]
+    try:
+        (args,) = parse_recipe_args((QuickstartArguments,), argv, PATH_KEYS)
+    except RecipeConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.output_dir)
+    data_dir, pretrain_dir = out / "data", out / "pretrain"
+    instructions_dir, finetune_dir = out / "instructions", out / "finetune"
+    stages = Stages(out / "stages", args.force)
+    started = time.perf_counter()
+
+    def data() -> dict:
+        run_pipeline(load_config(args.data_config, [f"--output_dir={data_dir}", *args.data_overrides]), workers=2)
+        return {"report": json.loads((data_dir / "report.json").read_text())}
+
+    def pretrain() -> dict:
+        code = load_recipe("pretrain").main(["--config", args.pretrain_config, f"--data_dir={data_dir}",
+                                             f"--output_dir={pretrain_dir}", "--resume_from_checkpoint=auto",
+                                             *as_overrides(args.pretrain_overrides)])
+        if code != 0:
+            raise SystemExit(code)
+        state = json.loads((pretrain_dir / "trainer_state.json").read_text())
+        losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        return {"metrics": json.loads((pretrain_dir / "all_results.json").read_text()), "steps": state["global_step"],
+                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None}
+
+    def perplexity() -> dict:
+        return {"untrained": held_out_bits_per_byte(pretrain_dir, data_dir, args, untrained=True),
+                "pretrained": held_out_bits_per_byte(pretrain_dir, data_dir, args, untrained=False)}
+
+    def instructions() -> dict:
+        return build_instruction_set(data_dir, instructions_dir, max_examples=args.instruction_max_examples)
+
+    def finetune() -> dict:
+        code = load_recipe("finetune_lora").main([
+            "--config", args.finetune_config, f"--model_name_or_path={pretrain_dir}",
+            f"--train_file={instructions_dir / 'train.jsonl'}",
+            f"--validation_file={instructions_dir / 'validation.jsonl'}", f"--output_dir={finetune_dir}",
+            *as_overrides(args.finetune_overrides)])
+        if code != 0:
+            raise SystemExit(code)
+        return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text())}
+
+    def samples() -> dict:
+        return {"pretrained": sample(pretrain_dir, args.prompts, args, chat=False),
+                "finetuned": sample(finetune_dir / "merged", args.chat_prompts, args, chat=True)}
+
+    stages.run("data", "data preparation", data)
+    stages.run("pretrain", "pretraining", pretrain)
+    stages.run("perplexity", "held-out perplexity", perplexity)
+    stages.run("instructions", "instruction set", instructions)
+    stages.run("finetune", "LoRA finetuning", finetune)
+    stages.run("generate", "generation", samples)
+    report = stages.run("report", "report", lambda: {"path": str(write_quickstart_report(
+        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started))})
+    print(f"\nReport: {report['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    transformers.logging.set_verbosity_warning()
+    torch.set_float32_matmul_precision("high")
+    sys.exit(main())
