@@ -168,6 +168,17 @@ class PretrainingTrainer(Trainer):
         finally:
             model.__class__ = sharded_class
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output head is not in the checkpoint (it is the embedding), so every resume of a tied model
+        # "misses" it; the Trainer re-ties silently only for models listing it in `_keys_to_ignore_on_save`,
+        # and warns for all others (stock Llama included). Tied keys are not missing: re-tie, warn about the rest.
+        model = self.accelerator.unwrap_model(self.model)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = [key for key in load_result.missing_keys if key not in tied]
+        if len(missing) < len(load_result.missing_keys):
+            model.tie_weights()
+        super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             for callback in self.callback_handler.callbacks:

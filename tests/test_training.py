@@ -3,6 +3,7 @@ throughput and non-finite-gradient callbacks, LR schedules and gradient accumula
 `Trainer` on CPU with tiny models and real packed shards."""
 
 import json
+import logging
 import math
 import textwrap
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from data_prep.config import PackConfig, TokenizerConfig
@@ -321,6 +322,34 @@ def test_skipped_step_count_survives_a_resume(tmp_path, dataset):
     assert guard.skipped_steps == 1 and guard.consecutive == 0
     logs = training_logs(resumed)
     assert [logs[s]["skipped_steps"] for s in (4, 5)] == [1, 1]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resume_warns_only_about_weights_really_missing(tmp_path, tied):
+    trainer = PretrainingTrainer(model=small_model(tie_word_embeddings=tied),
+                                 args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
+    trainer.save_model(str(tmp_path / "checkpoint"))
+    weights = tmp_path / "checkpoint" / "model.safetensors"
+    if not tied:  # drop a weight for real
+        state = load_file(weights)
+        del state["lm_head.weight"]
+        save_file(state, weights, metadata={"format": "pt"})
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    trainer_logger = logging.getLogger("transformers.trainer")
+    trainer_logger.addHandler(handler)
+    try:
+        trainer._load_from_checkpoint(str(tmp_path / "checkpoint"))
+    finally:
+        trainer_logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if "missing keys" in r.getMessage()]
+    model = trainer.model
+    if tied:
+        assert "lm_head.weight" not in load_file(weights) and warnings == []
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    else:
+        assert warnings == ["There were missing keys in the checkpoint model loaded: ['lm_head.weight']."]
 
 
 def test_consecutive_nan_steps_stop_training_with_a_checkpoint(tmp_path, dataset):
