@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart data test test-gpu test-min-transformers lint clean
+.PHONY: install quickstart data test test-gpu test-min-transformers gpu-prep lint clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,18 @@ test: install
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install
 	$(PY) -m pytest -m gpu tests
+
+# For benchmarks/gpu_session.sh on a GPU machine without network: the wheels its image may lack (for Python
+# 3.12; GPU_PYTHON overrides) into .whl/, and a small data run (half the stdlib corpus) into outputs/gpu_data.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS := datasets dill multiprocess evaluate zstandard bitsandbytes liger-kernel
+gpu-prep: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl \
+		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" constraints.txt || echo $$name; done)
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2 \
+		--output_dir=outputs/gpu_data --sources.0.max_docs=900
 
 # The oldest transformers Ember supports, in its own venv (pip resolves the rest freely).
 MIN_VENV ?= .venv-min

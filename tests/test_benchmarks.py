@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,21 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
     mismatch = bench.check_same_tokens(paths, texts, tokenizer, 4, tmp_path)
     assert not mismatch["ok"] and not mismatch["same_token_ids"]
     assert mismatch["ember_tokens"] > mismatch["run_clm_tokens"]
+
+
+def test_gpu_session_script_runs_every_step_at_smoke_size(tmp_path, data_dir):
+    """The device script, shrunk to a CPU run: every step starts, finishes and leaves its results."""
+    results = tmp_path / "results"
+    env = {**os.environ, "SMOKE": "1", "WHEELS": "", "RESULTS": str(results), "DATA": str(data_dir),
+           "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_session.sh")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "failed steps: none" in result.stdout
+    assert "python 3" in (results / "machine.txt").read_text()
+    for name in ("tput_125m", "tput_1b"):
+        rows = json.loads((results / f"{name}.json").read_text())["rows"]
+        assert rows and all(row["status"] == "ok" and row["tokens_per_s"] > 0 for row in rows), rows
+    assert {row["batch_size"] for row in json.loads((results / "tput_1b.json").read_text())["rows"]} == {1, 2}  # the smoke sweep
+    state = json.loads((results / "stability_trainer_state.json").read_text())
+    assert state["global_step"] == 4 and not (results / "stability").exists()  # weights not kept
