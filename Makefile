@@ -53,12 +53,13 @@ gpu-prep: install
 	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2 \
 		--output_dir=outputs/gpu_data --sources.0.max_docs=900
 
-# The oldest transformers Ember supports, in its own venv (pip resolves the rest freely).
+# The oldest transformers Ember supports, in its own venv (everything else as in constraints.txt).
 MIN_VENV ?= .venv-min
 test-min-transformers:
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
-	$(MIN_VENV)/bin/python -m pip install -e ".[dev]" "transformers==5.17.0"
+	grep -v -i '^transformers==' constraints.txt > $(MIN_VENV)/constraints.txt
+	$(MIN_VENV)/bin/python -m pip install -c $(MIN_VENV)/constraints.txt -e ".[$(EXTRAS)]" "transformers==5.18.0"
 	$(MIN_VENV)/bin/python -m pytest -n 2 -m "not gpu" tests
 
 lint: install

@@ -16,6 +16,8 @@
 #               and stock Llama with Liger kernels
 #   tput_1b     the same for 1b (TinyLlama shape) at seq 2048
 #   stability   recipes/pretrain.py, 125m, bf16, 300 steps on real shards: loss curve, skipped steps, run report
+# A CUDA image with transformers 5.17 (one below Ember's floor) runs all of this: what 5.18 fixed is the resume of a
+# multi-process CPU run, which this script does not do.
 # SMOKE=1 shrinks every step to seconds on a CPU (what tests/test_benchmarks.py runs, with WHEELS= to install nothing).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -79,6 +79,7 @@ from data_prep.token_dataset import PackedDataset, block_to_example
 from data_prep.tokenizer import load_tokenizer
 from modeling import EmberConfig, EmberForCausalLM, sizing
 from modeling.convert import ember_config_to_hf
+from modeling.recipe_config import for_installed_transformers
 from modeling.training import (
     NonFiniteGuardCallback,
     PretrainingTrainer,
@@ -324,7 +325,7 @@ def training_arguments(output_dir: str, variant: Variant, batch_size: int, max_s
     """The recipe's optimizer and schedule (recipes/configs/pretrain_*.yaml); no logging, evaluation or saving."""
     scheduler, scheduler_kwargs = lr_scheduler_kwargs("cosine", min_lr_ratio=0.1)
     cuda = device == "cuda"
-    return TrainingArguments(
+    return TrainingArguments(**for_installed_transformers(dict(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
         learning_rate=args.learning_rate, lr_scheduler_type=scheduler, lr_scheduler_kwargs=scheduler_kwargs,
         weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
@@ -336,7 +337,7 @@ def training_arguments(output_dir: str, variant: Variant, batch_size: int, max_s
         dataloader_drop_last=True, dataloader_num_workers=args.dataloader_num_workers,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         seed=args.seed,
-    )
+    )))
 
 
 def run_row(name: str, variant: Variant, batch_size: int, setup: dict[str, Any], args: argparse.Namespace) -> dict:

@@ -18,13 +18,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from data_prep.config import ConfigError, read_yaml_mapping
 
 
 class RecipeConfigError(ValueError):
     """A recipe config problem, in one line that names the file or key."""
+
+
+# TrainingArguments fields that transformers renamed in 5.23, under their new name -> the old name (5.22 and older,
+# down to the oldest Ember supports). Recipes and code use the new names; they work on either.
+RENAMED_TRAINING_FIELDS = {"activation_checkpointing": "gradient_checkpointing"}
+
+
+def for_installed_transformers(names: dict[str, Any] | list[str] | set[str], known: set[str] | None = None) -> Any:
+    """`names` (TrainingArguments keys, or a mapping keyed by them) as the installed transformers spells them."""
+    known = known if known is not None else {f.name for f in dataclasses.fields(TrainingArguments)}
+    spell = {new: old for new, old in RENAMED_TRAINING_FIELDS.items() if new not in known and old in known}
+    if isinstance(names, dict):
+        return {spell.get(key, key): value for key, value in names.items()}
+    return type(names)(spell.get(key, key) for key in names)
+
+
+def training_setting(args: TrainingArguments, name: str) -> Any:
+    """`args.<name>` under the installed transformers' spelling of `name`."""
+    return getattr(args, name) if hasattr(args, name) else getattr(args, RENAMED_TRAINING_FIELDS[name])
 
 
 def _resolve(value: Any, base: Path) -> Any:
@@ -80,6 +99,7 @@ def parse_recipe_args(dataclass_types: tuple[type, ...], argv: list[str],
             value = text  # --eval_strategy=no means "no", not False
         values[key.replace("-", "_")] = _resolve(value, Path.cwd()) if key in path_keys else value
     annotations = {name: hint for cls in dataclass_types for name, hint in _field_types(cls).items()}
+    values = for_installed_transformers(values, known=set(annotations))
     unknown = sorted(set(values) - set(annotations))
     if unknown:
         raise RecipeConfigError(f"{unknown[0]}: unknown key (see the recipe's dataclasses and "

@@ -26,7 +26,7 @@ from data_prep.config import PackConfig, load_config
 from data_prep.token_dataset import PackedDataset, StreamingPackedDataset, open_document_stream
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from modeling import EmberConfig, EmberForCausalLM, sizing
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+from modeling.recipe_config import RecipeConfigError, parse_recipe_args, training_setting
 from modeling.run_report import write_model_card, write_run_report
 from modeling.training import (
     NonFiniteGuardCallback,
@@ -113,8 +113,9 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
     """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
     args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
     strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
+    checkpointing = training_setting(args, "activation_checkpointing")
     memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
-                                   args.activation_checkpointing, param_bytes=2 if args.bf16 else 4,
+                                   checkpointing, param_bytes=2 if args.bf16 else 4,
                                    flash_attention=model_args.attn_implementation != "eager")
     planned = tokens_per_step * args.max_steps
     recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),

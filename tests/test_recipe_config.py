@@ -7,7 +7,7 @@ import pytest
 import yaml
 from transformers import TrainingArguments
 
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+from modeling.recipe_config import RecipeConfigError, for_installed_transformers, parse_recipe_args, training_setting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
@@ -82,3 +82,14 @@ def test_shipped_recipes_parse_and_state_their_hardware(recipe):
     assert Path(data.data_dir).is_absolute() and Path(args.output_dir).resolve().is_relative_to(REPO_ROOT / "outputs")
     assert (args.adam_beta1, args.adam_beta2, args.weight_decay, args.max_grad_norm) == (0.9, 0.95, 0.1, 1.0)
     assert data.schedule in ("cosine", "wsd") and data.min_lr_ratio == 0.1
+
+
+def test_renamed_training_fields_take_either_transformers_spelling():
+    old_fields = {"gradient_checkpointing", "learning_rate"}  # transformers <= 5.22
+    new_fields = {"activation_checkpointing", "gradient_checkpointing", "learning_rate"}  # later 5.x
+    values = {"activation_checkpointing": True, "learning_rate": 1e-3}
+    assert for_installed_transformers(values, known=old_fields) == {"gradient_checkpointing": True,
+                                                                    "learning_rate": 1e-3}
+    assert for_installed_transformers(values, known=new_fields) == values
+    (args,) = parse_recipe_args((TrainingArguments,), ["--output_dir=/tmp/x", "--activation_checkpointing=true"])
+    assert training_setting(args, "activation_checkpointing") is True
