@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-from pathlib import Path
 
+from modeling.run_report import available_cores, cpu_model_name
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+__all__ = ["available_cores", "cpu_model_name", "quartiles"]
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

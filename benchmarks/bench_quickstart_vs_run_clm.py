@@ -35,11 +35,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
-from data_prep.io import read_docs  # noqa: E402
 from data_prep.token_dataset import PackedDataset  # noqa: E402
 from modeling import EmberForCausalLM  # noqa: E402
 from modeling.convert import ember_config_to_hf  # noqa: E402
-from modeling.evaluation import evaluate_path  # noqa: E402
+from modeling.evaluation import evaluate_path, read_texts  # noqa: E402
 from modeling.training import PretrainingTrainer, collate_packed  # noqa: E402
 
 
@@ -59,9 +58,7 @@ class WallClockStop(TrainerCallback):
 
 def run_clm_blocks(data_dir: Path, tokenizer, block_size: int) -> datasets.Dataset:
     """run_clm's preprocessing: tokenize each document, concatenate everything, cut into blocks."""
-    texts = [doc["text"] for path in sorted((data_dir / "documents" / "train").glob("*.jsonl.zst"))
-             for doc in read_docs(path)]
-    raw = datasets.Dataset.from_dict({"text": texts})
+    raw = datasets.Dataset.from_dict({"text": list(read_texts(data_dir / "documents" / "train"))})
     tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
 
     def group_texts(examples):

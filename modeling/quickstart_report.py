@@ -8,29 +8,21 @@ pretraining plots, the generated samples) and `<output_dir>/results.json` (the h
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .run_report import _duration, _number, _table
+from .run_report import _duration, _number, _table, available_cores, cpu_model_name
 
 STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
                 "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation"}
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"{cpu_model_name()}, {available_cores()} cores")
     return f"{device}; Python {platform.python_version()}, torch {torch.__version__}"
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +29,24 @@ from matplotlib.figure import Figure
 
 from .configuration_ember import EmberConfig
 from .sizing import active_parameters, count_parameters, format_duration
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 REPORT_DIR = "run_report"
 FIGURE_SIZE_INCHES = (6.0, 3.5)
