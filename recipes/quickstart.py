@@ -106,11 +106,7 @@ class Stages:
         return result
 
 
-def held_out_bits_per_byte(model_dir: Path, data_dir: Path, args: QuickstartArguments, untrained: bool) -> dict:
-    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu")
-    if untrained:  # the same architecture, freshly initialised: what the data alone gives
-        torch.manual_seed(0)
-        model = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+def held_out_bits_per_byte(model, tokenizer, data_dir: Path, args: QuickstartArguments) -> dict:
     with torch.no_grad():
         result = evaluate_path(model, tokenizer, data_dir / "documents" / "validation", window=args.eval_window,
                                stride=args.eval_stride, batch_size=args.eval_batch_size,
@@ -161,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                 "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None}
 
     def perplexity() -> dict:
-        return {"untrained": held_out_bits_per_byte(pretrain_dir, data_dir, args, untrained=True),
-                "pretrained": held_out_bits_per_byte(pretrain_dir, data_dir, args, untrained=False)}
+        model, tokenizer = load_model_and_tokenizer(pretrain_dir, device="cpu")
+        torch.manual_seed(0)  # the same architecture, freshly initialised: what the data alone gives
+        untrained = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+        return {"untrained": held_out_bits_per_byte(untrained, tokenizer, data_dir, args),
+                "pretrained": held_out_bits_per_byte(model, tokenizer, data_dir, args)}
 
     def instructions() -> dict:
         return build_instruction_set(data_dir, instructions_dir, max_examples=args.instruction_max_examples)
