@@ -1,22 +1,46 @@
-"""Ember's model: `EmberConfig`, `EmberModel`, `EmberForCausalLM`.
+"""Ember's model: `EmberConfig`, `EmberModel`, `EmberForCausalLM` and the task heads
+`EmberForMaskedLM`, `EmberForSequenceClassification`, `EmberForTokenClassification`.
 
 Importing this package registers the classes with transformers' Auto classes, and marks them so
 `save_pretrained` writes the code files and an `auto_map` next to the weights: a checkpoint then
-loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` anywhere, even
-where Ember is not installed.
+loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` (or the Auto class
+of its head) anywhere, even where Ember is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .configuration_ember import PRESETS, EmberConfig
 from .modeling_ember import EmberForCausalLM, EmberModel, EmberPreTrainedModel
+from .modeling_ember_heads import EmberForMaskedLM, EmberForSequenceClassification, EmberForTokenClassification
+
+AUTO_CLASSES = {
+    AutoModel: EmberModel,
+    AutoModelForCausalLM: EmberForCausalLM,
+    AutoModelForMaskedLM: EmberForMaskedLM,
+    AutoModelForSequenceClassification: EmberForSequenceClassification,
+    AutoModelForTokenClassification: EmberForTokenClassification,
+}
 
 AutoConfig.register(EmberConfig.model_type, EmberConfig, exist_ok=True)
-AutoModel.register(EmberConfig, EmberModel, exist_ok=True)
-AutoModelForCausalLM.register(EmberConfig, EmberForCausalLM, exist_ok=True)
-
 EmberConfig.register_for_auto_class()
-EmberModel.register_for_auto_class("AutoModel")
-EmberForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for auto_class, model_class in AUTO_CLASSES.items():
+    auto_class.register(EmberConfig, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class.__name__)
 
-__all__ = ["PRESETS", "EmberConfig", "EmberForCausalLM", "EmberModel", "EmberPreTrainedModel"]
+__all__ = [
+    "PRESETS",
+    "EmberConfig",
+    "EmberForCausalLM",
+    "EmberForMaskedLM",
+    "EmberForSequenceClassification",
+    "EmberForTokenClassification",
+    "EmberModel",
+    "EmberPreTrainedModel",
+]

@@ -1,7 +1,7 @@
-"""Configuration of the Ember decoder-only language model.
+"""Configuration of the Ember transformer: a causal decoder or a bidirectional encoder.
 
 `EmberConfig` is the single source of truth for an Ember model: every architectural switch the
-LLaMA / GPT-2 / PaLM families differ on lives here, and the modeling code reads nothing else.
+LLaMA / GPT-2 / PaLM / T5 / BERT families differ on lives here, and the modeling code reads nothing else.
 Named presets (`EmberConfig.from_preset`) give the standard shapes.
 
 This file is also shipped next to saved checkpoints as remote code, so it imports only from
@@ -12,14 +12,25 @@ from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import RopeParameters
 
-POSITION_EMBEDDING_TYPES = ("rope", "alibi", "learned", "sinusoidal")
+POSITION_EMBEDDING_TYPES = ("rope", "alibi", "learned", "sinusoidal", "relative")
 NORM_TYPES = ("rmsnorm", "layernorm")
-MLP_TYPES = ("swiglu", "gelu")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "deepnorm")
+# MLP type -> (gated, default activation). Gated: down(act(gate(x)) * up(x)) (Shazeer 2020); plain: down(act(up(x))).
+MLP_TYPES: dict[str, tuple[bool, str]] = {
+    "swiglu": (True, "silu"),
+    "geglu": (True, "gelu_pytorch_tanh"),
+    "reglu": (True, "relu"),
+    "gelu": (False, "gelu_pytorch_tanh"),
+    "relu": (False, "relu"),
+    "swish": (False, "silu"),
+}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-# Backends that accept an additive float bias as their attention mask (ALiBi needs one).
+# Backends that accept an additive float bias as their attention mask (ALiBi and the relative bias need one).
 BIAS_CAPABLE_ATTENTION = ("eager", "sdpa")
+BIASED_POSITIONS = ("alibi", "relative")
 
 # Shapes follow the published models they are named after: "1b" is TinyLlama-1.1B, "7b" is
 # LLaMA-2-7B, "gpt2-124m" is GPT-2 small (LayerNorm, learned positions, GELU, MHA, biases).
@@ -60,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 @strict
 class EmberConfig(PreTrainedConfig):
     r"""
-    Configuration of an Ember model. Defaults are LLaMA-2-7B's architecture choices.
+    Configuration of an Ember model. Defaults are LLaMA-2-7B's architecture choices (a causal decoder).
 
     Args:
         vocab_size: Number of token ids.
@@ -76,17 +87,33 @@ class EmberConfig(PreTrainedConfig):
         rope_parameters: RoPE settings, `{"rope_type": ..., "rope_theta": ..., ...}` with
             `rope_type` one of default / linear / dynamic / yarn / llama3 (transformers' RoPE
             functions compute the frequencies). Only used with `position_embedding_type="rope"`.
-        position_embedding_type: "rope" | "alibi" | "learned" | "sinusoidal".
+        position_embedding_type: "rope" | "alibi" | "learned" | "sinusoidal" | "relative" (T5's
+            bucketed bias per head, one table shared by all layers).
+        relative_attention_num_buckets / relative_attention_max_distance: T5's relative-position
+            buckets (half exact, half logarithmic up to the max distance; an encoder splits them
+            between the two directions). Only used with `position_embedding_type="relative"`.
+        is_causal: True for a decoder (each token sees itself and earlier tokens); False for a
+            bidirectional encoder (every token sees every token of its document), as BERT.
         norm_type: "rmsnorm" | "layernorm" (LayerNorm carries a bias, as in GPT-2).
         norm_eps: Epsilon of every normalisation layer.
-        mlp_type: "swiglu" (gated: down(act(gate(x)) * up(x))) | "gelu" (down(act(up(x)))).
-        hidden_act: Activation of the MLP. Defaults to "silu" for swiglu, "gelu_pytorch_tanh"
-            (GPT-2's tanh approximation) for gelu.
-        sliding_window: If set, each token attends to at most this many previous tokens.
+        norm_placement: "pre" (x + f(norm(x)), GPT-2/LLaMA) | "post" (norm(x + f(x)), the original
+            Transformer and BERT) | "sandwich" (x + norm(f(norm(x))), CogView / Gemma 2) | "deepnorm"
+            (norm(alpha * x + f(x)) with the value/output/MLP weights initialised scaled by beta,
+            Wang et al. 2022, for deep stacks). Post placements have no final norm.
+        qk_norm: RMSNorm over each head's queries and keys before the attention scores (OLMo 2, Qwen3).
+        mlp_type: "swiglu" | "geglu" | "reglu" (gated: down(act(gate(x)) * up(x))) or "gelu" | "relu" |
+            "swish" (plain: down(act(up(x)))).
+        hidden_act: Activation of the MLP. Defaults to the one `mlp_type` names ("silu" for swiglu and
+            swish, "relu" for reglu and relu, "gelu_pytorch_tanh" (GPT-2's tanh approximation) for
+            geglu and gelu).
+        sliding_window: If set, each token attends to at most this many previous tokens (in an
+            encoder: to tokens at most this far away on either side).
         attention_bias / mlp_bias: Biases on the attention / MLP projections.
         attention_dropout: Dropout on attention probabilities (training only).
         hidden_dropout: Dropout on the embeddings and on each residual branch (training only).
         tie_word_embeddings: Share the input embedding matrix with the output head.
+        use_cache: Return a KV cache from forward passes. Defaults to True for decoders; an encoder has
+            no cache.
         initializer_range: Standard deviation of the normal initialisation of weight matrices.
         num_local_experts: Number of MoE experts per layer; 0 means a dense MLP.
         num_experts_per_tok: Experts each token is routed to (top-k).
@@ -121,8 +148,13 @@ class EmberConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048
     rope_parameters: RopeParameters | dict | None = None
     position_embedding_type: str = "rope"
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    is_causal: bool = True
     norm_type: str = "rmsnorm"
     norm_eps: float = 1e-6
+    norm_placement: str = "pre"
+    qk_norm: bool = False
     mlp_type: str = "swiglu"
     hidden_act: str | None = None
     sliding_window: int | None = None
@@ -132,7 +164,7 @@ class EmberConfig(PreTrainedConfig):
     hidden_dropout: float = 0.0
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    use_cache: bool = True
+    use_cache: bool | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -146,8 +178,10 @@ class EmberConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.hidden_act is None:
-            self.hidden_act = "silu" if self.mlp_type == "swiglu" else "gelu_pytorch_tanh"
+        if self.hidden_act is None and self.mlp_type in MLP_TYPES:
+            self.hidden_act = MLP_TYPES[self.mlp_type][1]
+        if self.use_cache is None:
+            self.use_cache = self.is_causal
         # Check Ember's own rules first: they raise a plain one-line ValueError naming the field.
         self.check_architecture()
         super().__post_init__(**kwargs)
@@ -156,7 +190,10 @@ class EmberConfig(PreTrainedConfig):
         """Raise a one-line `ValueError` naming the field if the settings cannot build a model."""
         _check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDING_TYPES)
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
-        _check_choice("mlp_type", self.mlp_type, MLP_TYPES)
+        _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
+        _check_choice("mlp_type", self.mlp_type, tuple(MLP_TYPES))
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"hidden_act: unknown activation {self.hidden_act!r}; see transformers.activations.ACT2FN")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -175,10 +212,22 @@ class EmberConfig(PreTrainedConfig):
             raise ValueError(f"rope_parameters.rope_type: expected one of {ROPE_TYPES}, got {rope_type!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window: must be a positive integer or None, got {self.sliding_window}")
-        if self.position_embedding_type == "alibi":
+        if self.position_embedding_type in BIASED_POSITIONS:
             if self.sliding_window is not None:
-                raise ValueError("sliding_window: not supported together with position_embedding_type='alibi'")
+                raise ValueError(f"sliding_window: not supported together with "
+                                 f"position_embedding_type={self.position_embedding_type!r}")
             check_attention_backend(self)
+        if self.position_embedding_type == "relative":
+            # Each direction needs at least one exact and one logarithmic bucket, and the log range must be non-empty.
+            per_direction = self.relative_attention_num_buckets // (1 if self.is_causal else 2)
+            if per_direction < 2:
+                raise ValueError(f"relative_attention_num_buckets: too few buckets ({self.relative_attention_num_buckets}) "
+                                 f"for {'a decoder' if self.is_causal else 'an encoder (two directions)'}")
+            if self.relative_attention_max_distance <= per_direction // 2:
+                raise ValueError(f"relative_attention_max_distance: must exceed the {per_direction // 2} exact buckets, "
+                                 f"got {self.relative_attention_max_distance}")
+        if not self.is_causal and self.use_cache:
+            raise ValueError("use_cache: an encoder (is_causal=False) has no KV cache; set use_cache=False")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
@@ -189,8 +238,8 @@ class EmberConfig(PreTrainedConfig):
                 f"num_experts_per_tok: must be in [1, num_local_experts={self.num_local_experts}], "
                 f"got {self.num_experts_per_tok}"
             )
-        if self.num_local_experts > 0 and self.mlp_type != "swiglu":
-            raise ValueError("mlp_type: MoE experts are SwiGLU; set mlp_type='swiglu' when num_local_experts > 0")
+        if self.num_local_experts > 0 and not self.is_gated_mlp:
+            raise ValueError(f"mlp_type: MoE experts are gated MLPs (swiglu, geglu, reglu), got {self.mlp_type!r}")
         if self.num_local_experts > 0 and self.mlp_bias:
             raise ValueError("mlp_bias: MoE experts have no biases; set mlp_bias=False when num_local_experts > 0")
 
@@ -209,6 +258,20 @@ class EmberConfig(PreTrainedConfig):
     def is_moe(self) -> bool:
         return self.num_local_experts > 0
 
+    @property
+    def is_gated_mlp(self) -> bool:
+        return MLP_TYPES[self.mlp_type][0]
+
+    @property
+    def deepnorm_alpha(self) -> float:
+        """DeepNorm's residual scale for an encoder-only or decoder-only stack of N layers: (2N)^(1/4)."""
+        return (2 * self.num_hidden_layers) ** 0.25
+
+    @property
+    def deepnorm_beta(self) -> float:
+        """DeepNorm's initialisation gain of the value, output and MLP weights: (8N)^(-1/4)."""
+        return (8 * self.num_hidden_layers) ** -0.25
+
 
 def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -216,13 +279,14 @@ def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def check_attention_backend(config: EmberConfig) -> None:
-    """ALiBi adds a per-head bias to the scores; only backends taking a float mask can apply it."""
+    """ALiBi and the relative bias add a per-head bias to the scores; only backends taking a float mask can."""
     backend = getattr(config, "_attn_implementation", None)
-    if config.position_embedding_type == "alibi" and backend is not None and backend not in BIAS_CAPABLE_ATTENTION:
+    position = config.position_embedding_type
+    if position in BIASED_POSITIONS and backend is not None and backend not in BIAS_CAPABLE_ATTENTION:
         raise ValueError(
-            f"attn_implementation: position_embedding_type='alibi' needs a backend that takes an additive "
+            f"attn_implementation: position_embedding_type={position!r} needs a backend that takes an additive "
             f"bias {BIAS_CAPABLE_ATTENTION}, got {backend!r}"
         )
 
 
-__all__ = ["EmberConfig", "PRESETS"]
+__all__ = ["EmberConfig", "MLP_TYPES", "NORM_PLACEMENTS", "POSITION_EMBEDDING_TYPES", "PRESETS"]

@@ -13,8 +13,9 @@ Which stock class `to-hf` writes:
 * `MistralForCausalLM`: the same with `sliding_window` set, and no biases.
 * `MixtralForCausalLM`: `num_local_experts > 0` (with or without a sliding window), no attention bias.
 
-Settings no stock class can express (ALiBi / learned / sinusoidal positions, LayerNorm, the plain
-GELU MLP, biases on Mistral / Mixtral) raise a one-line `ValueError` naming the field. So does an
+Settings no stock class can express (ALiBi / learned / sinusoidal / relative positions, LayerNorm,
+norms placed other than before each block, QK-norm, MLPs other than SwiGLU, an encoder, biases on
+Mistral / Mixtral) raise a one-line `ValueError` naming the field. So does an
 activation other than SiLU: transformers would honour `hidden_act`, but vLLM and llama.cpp assume
 SiLU for these architectures and would run a different model.
 
@@ -135,7 +136,8 @@ def ember_config_to_hf(config: EmberConfig) -> PreTrainedConfig:
 
 def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None:
     """Raise a one-line `ValueError` naming the first field `target` cannot express."""
-    required = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu"}
+    required = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu",
+                "norm_placement": "pre", "qk_norm": False, "is_causal": True}
     for name, value in required.items():
         if getattr(config, name) != value:
             raise ValueError(

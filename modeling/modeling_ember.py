@@ -1,12 +1,15 @@
-"""The Ember decoder-only transformer.
+"""The Ember transformer: a causal decoder (LLaMA family) or a bidirectional encoder (BERT family).
 
-A LLaMA-family model whose architecture switches (position encoding, norm, MLP, attention heads,
-sliding window, mixture of experts) all come from `EmberConfig`. Module names match transformers'
-`LlamaForCausalLM` (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so a
-LLaMA-compatible Ember checkpoint converts to stock classes by renaming nothing.
+A model whose architecture switches (position encoding, norm type and placement, QK-norm, MLP and
+activation, attention heads, sliding window, mixture of experts, causal or bidirectional attention)
+all come from `EmberConfig`. Module names match transformers' `LlamaForCausalLM`
+(`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `lm_head`), so a LLaMA-compatible
+Ember checkpoint converts to stock classes by renaming nothing. The task heads (masked LM, sequence
+and token classification) live in `modeling_ember_heads.py`.
 
 Attention goes through transformers' `ALL_ATTENTION_FUNCTIONS` (eager, sdpa, flash_attention_2,
-flex_attention), masks come from `transformers.masking_utils`, the KV cache is `DynamicCache`, RoPE
+flex_attention), masks come from `transformers.masking_utils` (causal, bidirectional, sliding window,
+packed documents, prefix blocks), the KV cache is `DynamicCache`, RoPE
 frequencies come from `ROPE_INIT_FUNCTIONS`, and the loss is `self.loss_function`, which honours
 `num_items_in_batch` so gradient accumulation is exact.
 
@@ -24,7 +27,14 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_bidirectional_sliding_window_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+    find_packed_sequence_indices,
+    packed_sequence_mask_function,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -35,7 +45,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_ember import EmberConfig, check_attention_backend
+from .configuration_ember import BIASED_POSITIONS, EmberConfig, check_attention_backend
 
 
 class EmberRMSNorm(nn.Module):
@@ -56,7 +66,10 @@ class EmberRMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
 
 
-def build_norm(config: EmberConfig) -> nn.Module:
+def build_norm(config: EmberConfig, enabled: bool = True) -> nn.Module:
+    """The config's normalisation over the hidden width, or an identity where a placement has no norm."""
+    if not enabled:
+        return nn.Identity()
     if config.norm_type == "layernorm":
         return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
     return EmberRMSNorm(config.hidden_size, eps=config.norm_eps)
@@ -136,31 +149,118 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def add_alibi_bias(mask: torch.Tensor, slopes: torch.Tensor, past_seen_tokens: int) -> torch.Tensor:
-    """Turn a boolean or additive 4D mask into an additive mask with ALiBi's linear distance penalty."""
+def alibi_bias(slopes: torch.Tensor, q_len: int, kv_len: int, past_seen_tokens: int) -> torch.Tensor:
+    """ALiBi's linear distance penalty, -slope * |query - key| per head, shaped (1, heads, q_len, kv_len).
+
+    The distance is symmetric, so an encoder or a bidirectional prefix is penalised in both directions;
+    in a decoder the keys after the query are masked anyway.
+    """
+    q_pos = torch.arange(q_len, device=slopes.device) + past_seen_tokens
+    k_pos = torch.arange(kv_len, device=slopes.device)
+    distance = (q_pos[:, None] - k_pos[None, :]).abs().to(torch.float32)
+    return -slopes[None, :, None, None] * distance
+
+
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
+    """T5's bucket (Raffel et al. 2020) of each key-minus-query offset.
+
+    Half of a direction's buckets hold one small distance each; the other half cover distances up to
+    `max_distance` on a logarithmic scale, and farther keys share the last bucket. A decoder sees only
+    keys at or before the query, so all its buckets describe the past; an encoder gives each direction
+    half of them.
+    """
+    bucket = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    exact = num_buckets // 2
+    scale = (num_buckets - exact) / math.log(max_distance / exact)
+    far = exact + (torch.log(distance.float().clamp(min=1) / exact) * scale).long()
+    far = far.clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < exact, distance, far)
+
+
+class EmberRelativePositionBias(nn.Module):
+    """A learned bias per head and relative-position bucket, one table shared by all layers (as in T5)."""
+
+    def __init__(self, config: EmberConfig):
+        super().__init__()
+        self.bidirectional = not config.is_causal
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.embedding = nn.Embedding(self.num_buckets, config.num_attention_heads)
+
+    def forward(self, q_len: int, kv_len: int, past_seen_tokens: int) -> torch.Tensor:
+        """The bias for queries at past_seen_tokens + [0, q_len) over keys [0, kv_len): (1, heads, q_len, kv_len)."""
+        device = self.embedding.weight.device
+        q_pos = torch.arange(q_len, device=device) + past_seen_tokens
+        k_pos = torch.arange(kv_len, device=device)
+        buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0).float()
+
+
+def add_attention_bias(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Turn a boolean or additive 4D mask into an additive float mask carrying a per-head position bias."""
     if mask.dtype == torch.bool:
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
             ~mask, torch.finfo(torch.float32).min
         )
-    q_len, kv_len = mask.shape[-2:]
-    q_pos = torch.arange(q_len, device=mask.device) + past_seen_tokens
-    k_pos = torch.arange(kv_len, device=mask.device)
-    distance = (q_pos[:, None] - k_pos[None, :]).clamp(min=0).to(torch.float32)
-    bias = -slopes.to(mask.device)[None, :, None, None] * distance
-    return (mask.to(torch.float32) + bias).to(mask.dtype if mask.is_floating_point() else torch.float32)
+    biased = mask.to(torch.float32) + bias.to(mask.device)
+    return biased.to(mask.dtype if mask.is_floating_point() else torch.float32)
+
+
+def create_attention_mask(
+    config: EmberConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    position_ids: torch.Tensor | None,
+    block_sequence_ids: torch.Tensor | None = None,
+    materialize: bool = False,
+):
+    """The attention mask of `config`'s pattern, in the form the attention backend takes.
+
+    Decoder: causal (or sliding-window causal); with no 2D mask and no cache, documents packed in a row
+    are kept apart where `position_ids` restart; tokens sharing a non-negative `block_sequence_ids`
+    value see each other both ways (a prefix-LM prefix), -1 stays causal. Encoder: every token sees
+    every unpadded token (or those within `sliding_window` on either side), and packed documents are
+    kept apart the same way. `materialize` always returns a tensor, for a position bias to be added.
+    """
+    if config.is_causal:
+        mask_function = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
+        extra = {"block_sequence_ids": block_sequence_ids} if block_sequence_ids is not None else {}
+        return mask_function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                             past_key_values=past_key_values, position_ids=position_ids,
+                             allow_is_causal_skip=not materialize, **extra)
+    documents = None
+    if position_ids is not None and attention_mask is None:
+        documents = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))
+    mask_function = (create_bidirectional_mask if config.sliding_window is None
+                     else create_bidirectional_sliding_window_mask)
+    return mask_function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         and_mask_function=packed_sequence_mask_function(documents) if documents is not None else None,
+                         allow_is_bidirectional_skip=not materialize)
 
 
 class EmberMLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(act(gate(x)) * up(x)); or GPT-2's plain down(act(up(x)))."""
+    """Gated (SwiGLU / GeGLU / ReGLU, Shazeer 2020): down(act(gate(x)) * up(x)); plain (GPT-2): down(act(up(x)))."""
 
     def __init__(self, config: EmberConfig):
         super().__init__()
-        self.is_gated = config.mlp_type == "swiglu"
+        self.is_gated = config.is_gated_mlp
         if self.is_gated:
             self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
+        for proj in self.children():  # DeepNorm initialises every MLP map with gain beta (`_init_weights`)
+            proj.deepnorm_scaled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_gated:
@@ -170,7 +270,7 @@ class EmberMLP(nn.Module):
 
 @use_experts_implementation
 class EmberExperts(nn.Module):
-    """SwiGLU experts stored as 3D tensors, laid out as transformers' Mixtral stores them."""
+    """Gated experts (SwiGLU by default) stored as 3D tensors, laid out as transformers' Mixtral stores them."""
 
     def __init__(self, config: EmberConfig):
         super().__init__()
@@ -211,7 +311,7 @@ class EmberTopKRouter(nn.Module):
 
 
 class EmberSparseMoeBlock(nn.Module):
-    """Top-k routed mixture of SwiGLU experts (Shazeer et al. 2017; Mixtral's top-2 layout)."""
+    """Top-k routed mixture of gated experts (Shazeer et al. 2017; Mixtral's top-2 layout)."""
 
     def __init__(self, config: EmberConfig):
         super().__init__()
@@ -264,7 +364,7 @@ class EmberAttention(nn.Module):
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.is_causal = True
+        self.is_causal = config.is_causal  # read by the sdpa / flash backends when they get no mask
         self.use_rope = config.position_embedding_type == "rope"
         q_width = config.num_attention_heads * self.head_dim
         kv_width = config.num_key_value_heads * self.head_dim
@@ -272,6 +372,11 @@ class EmberAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_width, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_width, config.hidden_size, bias=config.attention_bias)
+        # DeepNorm initialises the value and output maps (not queries and keys) with gain beta (`_init_weights`).
+        self.v_proj.deepnorm_scaled = self.o_proj.deepnorm_scaled = True
+        # QK-norm (OLMo 2, Qwen3): RMSNorm over each head's query and key vectors bounds the attention logits.
+        self.q_norm = EmberRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
+        self.k_norm = EmberRMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else nn.Identity()
 
     def forward(
         self,
@@ -283,8 +388,8 @@ class EmberAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         if self.use_rope:
@@ -312,14 +417,30 @@ class EmberAttention(nn.Module):
 
 
 class EmberDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One transformer block (of a decoder or an encoder); `config.norm_placement` puts the norms:
+
+        pre       h = x + attn(norm_1(x))                   out = h + mlp(norm_2(h))
+        sandwich  h = x + norm_1'(attn(norm_1(x)))          out = h + norm_2'(mlp(norm_2(h)))
+        post      h = norm_2(x + attn(x))                   out = norm_3(h + mlp(h))
+        deepnorm  h = norm_2(alpha * x + attn(x))           out = norm_3(alpha * h + mlp(h))
+
+    norm_1 is `input_layernorm`, norm_2 `post_attention_layernorm` (between attention and MLP in every
+    placement), norm_1' / norm_2' `attention_output_layernorm` / `mlp_output_layernorm`, norm_3
+    `post_mlp_layernorm`; placements that lack one hold an identity in its place.
+    """
 
     def __init__(self, config: EmberConfig, layer_idx: int):
         super().__init__()
+        placement = config.norm_placement
         self.self_attn = EmberAttention(config, layer_idx)
         self.mlp = EmberSparseMoeBlock(config) if config.is_moe else EmberMLP(config)
-        self.input_layernorm = build_norm(config)
+        self.post_norm = placement in ("post", "deepnorm")
+        self.residual_scale = config.deepnorm_alpha if placement == "deepnorm" else 1.0
+        self.input_layernorm = build_norm(config, enabled=not self.post_norm)
+        self.attention_output_layernorm = build_norm(config, enabled=placement == "sandwich")
         self.post_attention_layernorm = build_norm(config)
+        self.mlp_output_layernorm = build_norm(config, enabled=placement == "sandwich")
+        self.post_mlp_layernorm = build_norm(config, enabled=self.post_norm)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
@@ -341,9 +462,14 @@ class EmberDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = hidden_states + self.dropout(attn_output)
+        if self.post_norm:
+            alpha = self.residual_scale
+            hidden_states = self.post_attention_layernorm(alpha * hidden_states + self.dropout(attn_output))
+            mlp_output = self.mlp(hidden_states)
+            return self.post_mlp_layernorm(alpha * hidden_states + self.dropout(mlp_output))
+        hidden_states = hidden_states + self.dropout(self.attention_output_layernorm(attn_output))
         mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states + self.dropout(mlp_output)
+        return hidden_states + self.dropout(self.mlp_output_layernorm(mlp_output))
 
 
 class EmberPreTrainedModel(PreTrainedModel):
@@ -368,24 +494,44 @@ class EmberPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, EmberExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, EmberTopKRouter):
+        if isinstance(module, EmberTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        deepnorm = self.config.norm_placement == "deepnorm"
+        gain = self.config.deepnorm_beta if deepnorm else 1.0
+        if deepnorm and isinstance(module, nn.Linear) and getattr(module, "deepnorm_scaled", False):
+            init.normal_(module.weight, mean=0.0, std=std * gain)
+        elif isinstance(module, EmberExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std * gain)
+            init.normal_(module.down_proj, mean=0.0, std=std * gain)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # transformers records only the saved class's Auto entry; one checkpoint serves both the
-        # bare model and the LM head, so list both whenever the code files travel with it.
+        # transformers records only the saved class's Auto entry; one checkpoint serves the bare model and
+        # every head its attention pattern allows, so list them whenever the code files travel with it.
+        # Heads live in modeling_ember_heads.py, which is copied only when a head class is saved.
         if self._auto_class is not None:
-            auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModel", f"modeling_ember.{EmberModel.__name__}")
-            auto_map.setdefault("AutoModelForCausalLM", f"modeling_ember.{EmberForCausalLM.__name__}")
+            auto_map = {"AutoConfig": "configuration_ember.EmberConfig", "AutoModel": "modeling_ember.EmberModel"}
+            if self.config.is_causal:
+                auto_map["AutoModelForCausalLM"] = "modeling_ember.EmberForCausalLM"
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            if module != "modeling_ember":
+                for auto_class, name in HEAD_AUTO_CLASSES.items():
+                    if auto_class != "AutoModelForMaskedLM" or not self.config.is_causal:
+                        auto_map[auto_class] = f"{module}.{name}"
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
+# The Auto classes of the task heads in modeling_ember_heads.py.
+HEAD_AUTO_CLASSES = {
+    "AutoModelForMaskedLM": "EmberForMaskedLM",
+    "AutoModelForSequenceClassification": "EmberForSequenceClassification",
+    "AutoModelForTokenClassification": "EmberForTokenClassification",
+}
+
+
 class EmberModel(EmberPreTrainedModel):
+    """The embeddings and the stack of blocks, without a head: a decoder or, with `is_causal=False`, an encoder."""
+
     def __init__(self, config: EmberConfig):
         super().__init__(config)
         config.check_architecture()
@@ -396,9 +542,12 @@ class EmberModel(EmberPreTrainedModel):
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([EmberDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = build_norm(config)
+        # Post placements end every block with a norm, so the stack needs no final one.
+        self.norm = build_norm(config, enabled=config.norm_placement in ("pre", "sandwich"))
         if config.position_embedding_type == "rope":
             self.rotary_emb = EmberRotaryEmbedding(config)
+        if config.position_embedding_type == "relative":
+            self.relative_position_bias = EmberRelativePositionBias(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -412,16 +561,28 @@ class EmberModel(EmberPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        block_sequence_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeModelOutputWithPast:
+        r"""
+        block_sequence_ids: (batch, seq_len), decoders only. Tokens sharing a value >= 0 attend to each
+            other in both directions (the prefix of a prefix LM; give each packed document its own
+            value); -1 marks causal tokens. Only for a forward without a filled cache.
+        """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if not self.config.is_causal and (use_cache or past_key_values is not None):
+            raise ValueError("use_cache: an encoder (is_causal=False) has no KV cache")
+        if block_sequence_ids is not None and not self.config.is_causal:
+            raise ValueError("block_sequence_ids: an encoder is bidirectional everywhere; only decoders take blocks")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
 
         past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if block_sequence_ids is not None and past_seen_tokens > 0:
+            raise ValueError("block_sequence_ids: only for a forward without cached tokens (the prompt)")
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
@@ -439,27 +600,27 @@ class EmberModel(EmberPreTrainedModel):
                 position_ids, self.config.hidden_size, inputs_embeds.dtype
             )
 
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        mask_kwargs = dict(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
-        if position_type == "alibi":
+        mask_args = (self.config, inputs_embeds, attention_mask, past_key_values, position_ids, block_sequence_ids)
+        if position_type in BIASED_POSITIONS:
+            # One bias for all layers, added to the mask: ALiBi's fixed slopes or the shared relative table.
             check_attention_backend(self.config)
-            causal_mask = mask_function(**mask_kwargs, allow_is_causal_skip=False)
-            causal_mask = add_alibi_bias(causal_mask, alibi_slopes(self.config.num_attention_heads), past_seen_tokens)
+            mask = create_attention_mask(*mask_args, materialize=True)
+            q_len, kv_len = mask.shape[-2:]
+            if position_type == "alibi":
+                slopes = alibi_slopes(self.config.num_attention_heads).to(inputs_embeds.device)
+                bias = alibi_bias(slopes, q_len, kv_len, past_seen_tokens)
+            else:
+                bias = self.relative_position_bias(q_len, kv_len, past_seen_tokens)
+            mask = add_attention_bias(mask, bias)
         else:
-            causal_mask = mask_function(**mask_kwargs)
+            mask = create_attention_mask(*mask_args)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if position_type == "rope" else None
         hidden_states = self.embed_dropout(inputs_embeds)
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
                 past_key_values=past_key_values,
@@ -470,6 +631,16 @@ class EmberModel(EmberPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
+def router_aux_loss(config: EmberConfig, router_logits, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mixtral's load-balancing loss over every layer's router logits (padding excluded with a 2D mask)."""
+    return load_balancing_loss_func(
+        router_logits,
+        config.num_local_experts,
+        config.num_experts_per_tok,
+        attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
+    )
+
+
 class EmberForCausalLM(EmberPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -477,6 +648,9 @@ class EmberForCausalLM(EmberPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: EmberConfig):
         super().__init__(config)
+        if not config.is_causal:
+            raise ValueError("is_causal: EmberForCausalLM needs a decoder (is_causal=True); "
+                             "an encoder takes EmberForMaskedLM")
         self.model = EmberModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -494,15 +668,18 @@ class EmberForCausalLM(EmberPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        block_sequence_ids: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MoeCausalLMOutputWithPast:
         r"""
         labels: token ids to predict, unshifted (the loss shifts them); -100 marks ignored positions.
+            Alternatively `shift_labels` (already shifted, e.g. from packed blocks) in the kwargs.
         output_router_logits: return router logits and the load-balancing loss (MoE). In training
             with labels the aux loss is always computed and `router_aux_loss_coef` times it is added
             to `loss`; in eval `loss` stays the pure LM loss.
         logits_to_keep: if an int n > 0, only the last n positions get logits (generation); a
             tensor selects positions explicitly.
+        block_sequence_ids: bidirectional blocks of a prefix LM, see `EmberModel.forward`.
         """
         add_aux_loss = self.config.is_moe and labels is not None and self.training
         if output_router_logits is None:
@@ -517,6 +694,7 @@ class EmberForCausalLM(EmberPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            block_sequence_ids=block_sequence_ids,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -529,12 +707,7 @@ class EmberForCausalLM(EmberPreTrainedModel, GenerationMixin):
 
         aux_loss = None
         if output_router_logits:
-            aux_loss = load_balancing_loss_func(
-                outputs.router_logits,
-                self.config.num_local_experts,
-                self.config.num_experts_per_tok,
-                attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None,
-            )
+            aux_loss = router_aux_loss(self.config, outputs.router_logits, attention_mask)
             if add_aux_loss:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 

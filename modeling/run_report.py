@@ -386,12 +386,14 @@ def _architecture_rows(config: EmberConfig) -> list[tuple[str, str]]:
         ("Vocabulary", f"{config.vocab_size:,}"),
         ("Context length", f"{config.max_position_embeddings:,}"),
         ("Positions", positions),
-        ("Normalisation", config.norm_type),
+        ("Normalisation", f"{config.norm_type}, {config.norm_placement}" + (", QK-norm" if config.qk_norm else "")),
         ("Tied input/output embeddings", "yes" if config.tie_word_embeddings else "no"),
         ("Parameters", f"{_human(total)} ({total:,})"),
     ]
     if config.sliding_window:
         rows.insert(6, ("Sliding window", f"{config.sliding_window:,}"))
+    if not config.is_causal:
+        rows.insert(0, ("Attention pattern", "bidirectional encoder"))
     if config.is_moe:
         rows.append(("Experts", f"{config.num_local_experts}, {config.num_experts_per_tok} per token "
                                 f"({_human(active_parameters(config))} active parameters)"))

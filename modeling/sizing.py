@@ -58,10 +58,14 @@ def parameter_breakdown(config: EmberConfig) -> dict[str, int]:
 
     - attention: q and o are H x (n_heads * head_dim), k and v are H x (n_kv_heads * head_dim) (GQA/MQA,
       head_dim need not be H / n_heads); with `attention_bias`, one bias per projection output;
-    - mlp: SwiGLU has gate, up, down (3HH'), GELU has up, down (2HH'); `mlp_bias` adds output biases;
-      MoE layers have a bias-free router (E x H) and E SwiGLU experts (E x 3HH') and no MLP biases;
-    - norms: 2 per layer plus the final one; RMSNorm has a weight (H), LayerNorm weight and bias (2H);
-    - positions: only "learned" has a table (max_position_embeddings x H); rope/alibi/sinusoidal have none;
+    - mlp: gated MLPs (SwiGLU, GeGLU, ReGLU) have gate, up, down (3HH'), plain ones (GELU, ReLU, Swish)
+      up, down (2HH'); `mlp_bias` adds output biases; MoE layers have a bias-free router (E x H) and E
+      gated experts (E x 3HH') and no MLP biases;
+    - norms: 2 per layer plus the final one for pre-norm, 4 per layer plus the final one for sandwich-norm,
+      2 per layer and no final one for post-norm and DeepNorm; RMSNorm has a weight (H), LayerNorm weight
+      and bias (2H); QK-norm adds two RMSNorm weights of head_dim per layer;
+    - positions: "learned" has a table (max_position_embeddings x H), "relative" one bias per bucket and
+      head shared by all layers; rope/alibi/sinusoidal have none;
     - lm_head: V x H, or 0 when tied to the input embedding (the shared matrix is counted once).
     """
     h, v, n_layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
@@ -76,17 +80,23 @@ def parameter_breakdown(config: EmberConfig) -> dict[str, int]:
         router = config.num_local_experts * h
         mlp = config.num_local_experts * 3 * h * inter
     else:
-        n_mats = 3 if config.mlp_type == "swiglu" else 2
+        n_mats = 3 if config.is_gated_mlp else 2
         mlp = n_mats * h * inter + (((n_mats - 1) * inter + h) if config.mlp_bias else 0)
     norm = 2 * h if config.norm_type == "layernorm" else h
+    norms_per_layer, final_norms = {"pre": (2, 1), "sandwich": (4, 1)}.get(config.norm_placement, (2, 0))
+    positions = 0
+    if config.position_embedding_type == "learned":
+        positions = config.max_position_embeddings * h
+    elif config.position_embedding_type == "relative":
+        positions = config.relative_attention_num_buckets * config.num_attention_heads
 
     return {
         "embedding": v * h,
-        "positions": config.max_position_embeddings * h if config.position_embedding_type == "learned" else 0,
+        "positions": positions,
         "attention": n_layers * attention,
         "mlp": n_layers * mlp,
         "router": n_layers * router,
-        "norms": (2 * n_layers + 1) * norm,
+        "norms": (norms_per_layer * n_layers + final_norms) * norm + (2 * n_layers * head_dim if config.qk_norm else 0),
         "lm_head": 0 if config.tie_word_embeddings else v * h,
     }
 

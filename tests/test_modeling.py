@@ -50,9 +50,8 @@ def test_shapes_and_dtypes(overrides):
     assert last.shape == (2, 1, 128)
 
 
-@variant_params
-def test_causality_future_tokens_do_not_change_past_logits(overrides):
-    model = tiny_model(**overrides)
+def assert_causal(model) -> None:
+    """Changing token 9 leaves the logits before it untouched and changes those from it on."""
     ids = random_ids()
     changed = ids.clone()
     changed[:, 9] = (changed[:, 9] + 1) % 128
@@ -60,6 +59,39 @@ def test_causality_future_tokens_do_not_change_past_logits(overrides):
         a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
     torch.testing.assert_close(a[:, :9], b[:, :9], rtol=0, atol=1e-6)
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-4
+
+
+def assert_cache_matches_full_forward(model, prompt: int = 4) -> None:
+    """Decoding token by token with a KV cache gives the logits of one full forward."""
+    ids = random_ids(length=14)
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        out = model(input_ids=ids[:, :prompt], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(prompt, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def assert_packed_matches_alone(model) -> torch.Tensor:
+    """Documents packed in one row (positions restarting) give the logits they get alone; returns the packed logits."""
+    lengths = [5, 7, 4]
+    docs = [random_ids(batch=1, length=n, seed=i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    with torch.no_grad():  # no cache: transformers reads document boundaries from position_ids only without one
+        packed_logits = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(input_ids=d, use_cache=False).logits for d in docs], dim=1)
+    torch.testing.assert_close(packed_logits, alone, rtol=1e-5, atol=1e-5)
+    return packed_logits
+
+
+@variant_params
+def test_causality_future_tokens_do_not_change_past_logits(overrides):
+    assert_causal(tiny_model(**overrides))
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "alibi", "sliding-window", "moe", "gpt2-style"])
@@ -83,18 +115,7 @@ def test_flex_attention_agrees_with_eager(name):
 @pytest.mark.parametrize("name", ["llama-gqa", "mqa", "alibi", "learned", "sinusoidal", "sliding-window", "moe"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_kv_cache_incremental_decoding_equals_full_forward(name, attn):
-    model = tiny_model(attn_implementation=attn, **VARIANTS[name])
-    ids = random_ids(length=14)
-    with torch.no_grad():
-        full = model(input_ids=ids, use_cache=False).logits
-        out = model(input_ids=ids[:, :4], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(4, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert_cache_matches_full_forward(tiny_model(attn_implementation=attn, **VARIANTS[name]))
 
 
 def test_gqa_and_mqa_have_fewer_kv_weights():
@@ -105,9 +126,9 @@ def test_gqa_and_mqa_have_fewer_kv_weights():
         assert attn.num_key_value_groups == 4 // kv_heads
 
 
-@variant_params
-def test_each_switch_trains_with_falling_loss(overrides):
-    model = tiny_model(**overrides).train()
+def assert_trains(model) -> None:
+    """25 AdamW steps on a repeating pattern at least halve the loss."""
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     pattern = torch.arange(32) % 11  # a learnable repeating sequence
     batch = torch.stack([pattern, (pattern + 3) % 11])
@@ -119,6 +140,11 @@ def test_each_switch_trains_with_falling_loss(overrides):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@variant_params
+def test_each_switch_trains_with_falling_loss(overrides):
+    assert_trains(tiny_model(**overrides))
 
 
 @pytest.mark.parametrize(
@@ -191,15 +217,7 @@ def test_moe_routes_top_k_and_adds_aux_loss():
 @pytest.mark.parametrize("name", ["llama-gqa", "alibi", "learned", "sinusoidal", "sliding-window", "moe"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_documents_match_documents_run_alone(name, attn):
-    model = tiny_model(attn_implementation=attn, **VARIANTS[name])
-    lengths = [5, 7, 4]
-    docs = [random_ids(batch=1, length=n, seed=i) for i, n in enumerate(lengths)]
-    packed = torch.cat(docs, dim=1)
-    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
-    with torch.no_grad():
-        packed_logits = model(input_ids=packed, position_ids=position_ids, use_cache=False).logits
-        alone = torch.cat([model(input_ids=d, use_cache=False).logits for d in docs], dim=1)
-    torch.testing.assert_close(packed_logits, alone, rtol=1e-5, atol=1e-5)
+    assert_packed_matches_alone(tiny_model(attn_implementation=attn, **VARIANTS[name]))
 
 
 def test_gradient_accumulation_matches_big_batch():
@@ -307,7 +325,7 @@ def test_llama_compatible_module_names_match_stock_llama():
     [
         (dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
         (dict(norm_type="batchnorm"), "norm_type"),
-        (dict(mlp_type="relu"), "mlp_type"),
+        (dict(mlp_type="maxout"), "mlp_type"),
         (dict(position_embedding_type="xpos"), "position_embedding_type"),
         (dict(rope_parameters={"rope_type": "wavy", "rope_theta": 1.0}), "rope_parameters"),
         (dict(num_local_experts=2, num_experts_per_tok=3), "num_experts_per_tok"),

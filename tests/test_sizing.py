@@ -59,8 +59,10 @@ SWITCHES = dict(
     attention_bias=[False, True],
     mlp_bias=[False, True],
     norm_type=["rmsnorm", "layernorm"],
-    mlp_type=["swiglu", "gelu"],
-    position_embedding_type=["rope", "learned", "sinusoidal", "alibi"],
+    norm_placement=["pre", "post", "sandwich", "deepnorm"],
+    qk_norm=[False, True],
+    mlp_type=["swiglu", "gelu", "geglu", "relu"],
+    position_embedding_type=["rope", "learned", "sinusoidal", "alibi", "relative"],
 )
 
 
@@ -75,8 +77,8 @@ def switch_grid() -> list[dict]:
     ]
     product = [dict(zip(SWITCHES, values)) for values in itertools.product(*SWITCHES.values())]
     combos += random.Random(0).sample(product, 60)
-    # The config rejects MoE with a GELU MLP or MLP biases (experts are bias-free SwiGLU).
-    moe_conflict = lambda c: c.get("num_local_experts") and (c.get("mlp_type") == "gelu" or c.get("mlp_bias"))
+    # The config rejects MoE with a plain MLP or MLP biases (experts are bias-free gated MLPs).
+    moe_conflict = lambda c: c.get("num_local_experts") and (c.get("mlp_type") in ("gelu", "relu") or c.get("mlp_bias"))
     return [c for c in combos if not moe_conflict(c)]
 
 
