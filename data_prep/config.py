@@ -212,6 +212,11 @@ class TokenizerConfig:
     pad_token: str = "<|pad|>"
     fim_tokens: bool = True
     num_reserved_tokens: int = 8
+    # Objective tokens, added after the reserved slots only when asked (so existing vocabularies keep their
+    # ids): <|mask|> for masked-LM pretraining; UL2's three denoiser tokens and `num_sentinel_tokens`
+    # span sentinels <|sentinel_0|> ... for the mixture of denoisers.
+    mask_token: bool = False
+    num_sentinel_tokens: int = 0
     model_max_length: int = 2048
 
 

@@ -20,7 +20,13 @@ Special tokens occupy the first ids, always in this order (the ids depend only o
 
     0 eos (also bos)  1 pad  2 <|im_start|>  3 <|im_end|>
     then, when `fim_tokens`: <|fim_prefix|> <|fim_middle|> <|fim_suffix|>
-    then `num_reserved_tokens` slots <|reserved_0|> ...; unigram and wordpiece add <|unk|> last.
+    then `num_reserved_tokens` slots <|reserved_0|> ...
+    then, when `mask_token`: <|mask|> (masked-LM pretraining)
+    then, when `num_sentinel_tokens` > 0: <|r_denoiser|> <|s_denoiser|> <|x_denoiser|> <|sentinel_0|> ...
+    (UL2's mode tokens and span sentinels); unigram and wordpiece add <|unk|> last.
+
+The objective tokens come after the reserved slots and only when asked, so a config without them
+gives exactly the vocabulary (and ids) it always gave.
 
 The saved directory loads offline with `transformers.AutoTokenizer.from_pretrained(dir)` as a
 `PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5). `tokenizer(text)`
@@ -64,6 +70,10 @@ logger = logging.getLogger(__name__)
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
 UNK_TOKEN = "<|unk|>"
+MASK_TOKEN = "<|mask|>"
+# UL2's paradigm tokens (Tay et al. 2022): regular, sequential (prefix LM) and extreme denoising.
+DENOISER_TOKENS = {"r": "<|r_denoiser|>", "s": "<|s_denoiser|>", "x": "<|x_denoiser|>"}
+SENTINEL_TOKEN = "<|sentinel_{}|>"
 
 # GPT-4 / LLaMA-3 style split, except that digits are split one by one (numbers then tokenize the
 # same way whatever their length). Letters keep one leading non-letter (" foo", "_bar"), spaces
@@ -114,6 +124,10 @@ def special_tokens_for(cfg: TokenizerConfig) -> list[str]:
     if cfg.fim_tokens:
         tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
     tokens += [f"<|reserved_{i}|>" for i in range(cfg.num_reserved_tokens)]
+    if cfg.mask_token:
+        tokens.append(MASK_TOKEN)
+    if cfg.num_sentinel_tokens:
+        tokens += [*DENOISER_TOKENS.values(), *(SENTINEL_TOKEN.format(i) for i in range(cfg.num_sentinel_tokens))]
     if cfg.model in ("unigram", "wordpiece"):
         tokens.append(UNK_TOKEN)
     return tokens
@@ -124,6 +138,8 @@ def _check_config(cfg: TokenizerConfig, specials: list[str]) -> None:
         raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
     if cfg.num_reserved_tokens < 0:
         raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {cfg.num_reserved_tokens}")
+    if cfg.num_sentinel_tokens < 0:
+        raise ConfigError(f"tokenizer.num_sentinel_tokens: must be >= 0, got {cfg.num_sentinel_tokens}")
     if cfg.min_frequency < 1:
         raise ConfigError(f"tokenizer.min_frequency: must be >= 1, got {cfg.min_frequency}")
     if cfg.train_bytes < 1:
@@ -212,13 +228,14 @@ def _add_byte_fallback(backend: Tokenizer) -> None:
 
 
 def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreTrainedTokenizerFast:
-    named = {cfg.eos_token, cfg.pad_token, UNK_TOKEN}
+    named = {cfg.eos_token, cfg.pad_token, UNK_TOKEN, MASK_TOKEN}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=cfg.eos_token,
         bos_token=cfg.eos_token,
         pad_token=cfg.pad_token,
         unk_token=UNK_TOKEN if UNK_TOKEN in specials else None,
+        mask_token=MASK_TOKEN if MASK_TOKEN in specials else None,
         extra_special_tokens=[t for t in specials if t not in named],
         model_max_length=cfg.model_max_length,
         add_bos_token=False,
@@ -322,12 +339,21 @@ def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerFast | Tokenizer 
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Ids of eos, pad, and (when the vocabulary has them) the FIM and chat tokens."""
+    """Ids of eos, pad, and (when the vocabulary has them) the FIM, chat, mask and UL2 denoiser tokens."""
     ids = {"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
     optional = {"fim_prefix": FIM_PREFIX, "fim_middle": FIM_MIDDLE, "fim_suffix": FIM_SUFFIX,
-                "im_start": IM_START, "im_end": IM_END}
+                "im_start": IM_START, "im_end": IM_END, "mask": MASK_TOKEN,
+                **{f"{mode}_denoiser": token for mode, token in DENOISER_TOKENS.items()}}
     vocab = tokenizer.get_vocab()
     ids.update({name: vocab[token] for name, token in optional.items() if token in vocab})
+    return ids
+
+
+def sentinel_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """Ids of <|sentinel_0|>, <|sentinel_1|>, ... in order, as many as the vocabulary has."""
+    vocab, ids = tokenizer.get_vocab(), []
+    while SENTINEL_TOKEN.format(len(ids)) in vocab:
+        ids.append(vocab[SENTINEL_TOKEN.format(len(ids))])
     return ids
 
 
