@@ -464,25 +464,44 @@ def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets:
                numbers: dict[str, float], training: dict, repo_id: str | None) -> str:
     location = repo_id or f"path/to/{model_name}"
     data = ", ".join(f"`{name}`" for name in datasets) if datasets else "data not recorded in this card"
+    if config.is_causal:
+        about = (f"{model_name} is a decoder-only, LLaMA-style language model pretrained from scratch with Ember "
+                 f"on {data}. It is a base model: it continues text, and has not been tuned to follow instructions.")
+        usage = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+            f'model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)',
+            'inputs = tokenizer("Once upon a time", return_tensors="pt")',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))",
+        ]
+        export = [
+            "To get a stock transformers checkpoint that needs no remote code (`LlamaForCausalLM`, or "
+            "`MistralForCausalLM` / `MixtralForCausalLM` for sliding-window and mixture-of-experts models), "
+            "convert it with Ember:", "",
+            "```bash", f"python -m modeling.convert to-hf {location} {model_name}-hf", "```", "",
+        ]
+    else:
+        about = (f"{model_name} is a bidirectional encoder pretrained from scratch with Ember by masked-language "
+                 f"modelling on {data}. Finetune it as a classifier (`recipes/finetune_classifier.py`); the "
+                 "evaluation numbers below are over masked tokens only.")
+        usage = [
+            "from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+            f'model = AutoModelForMaskedLM.from_pretrained("{location}", trust_remote_code=True)',
+            f'classifier = AutoModelForSequenceClassification.from_pretrained("{location}", num_labels=2, '
+            "trust_remote_code=True)",
+        ]
+        export = []
     lines = [
         f"# {model_name}", "",
-        f"{model_name} is a decoder-only, LLaMA-style language model pretrained from scratch with Ember "
-        f"on {data}. It is a base model: it continues text, and has not been tuned to follow instructions.", "",
+        about, "",
         "## Model", "", *_table(("", "value"), _architecture_rows(config)), "",
         "## How to use", "",
         "The folder holds Ember's modeling code, so transformers loads it with `trust_remote_code=True`:", "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)',
-        'inputs = tokenizer("Once upon a time", return_tensors="pt")',
-        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))",
-        "```", "",
-        "To get a stock transformers checkpoint that needs no remote code (`LlamaForCausalLM`, or "
-        "`MistralForCausalLM` / `MixtralForCausalLM` for sliding-window and mixture-of-experts models), "
-        "convert it with Ember:", "",
-        "```bash", f"python -m modeling.convert to-hf {location} {model_name}-hf", "```", "",
+        "```python", *usage, "```", "",
+        *export,
         "## Training", "",
     ]
     rows = _training_rows(training)

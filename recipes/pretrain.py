@@ -4,7 +4,9 @@
         --config recipes/configs/pretrain_<recipe>.yaml [--key=value ...]
     python recipes/pretrain.py --config recipes/configs/pretrain_nano_cpu.yaml      # one process
 
-Keys: `ModelArguments` and `DataArguments` below, plus every `transformers.TrainingArguments` field.
+Keys: `ModelArguments` and `DataArguments` below, `training.objectives.ObjectiveArguments` (`objective: clm |
+prefix_lm | mlm | ul2` and its settings; mlm trains a bidirectional encoder, `EmberForMaskedLM`), plus every
+`transformers.TrainingArguments` field.
 The output folder is a Hub-ready model: safetensors, config with `auto_map` and the model code, the
 tokenizer, a generation config and a model card.
 """
@@ -25,18 +27,18 @@ from transformers import GenerationConfig, SchedulerType, TrainingArguments, set
 from data_prep.config import PackConfig, load_config
 from data_prep.token_dataset import PackedDataset, StreamingPackedDataset, open_document_stream
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-from modeling import EmberConfig, EmberForCausalLM, sizing
+from modeling import EmberConfig, EmberForCausalLM, EmberForMaskedLM, sizing
 from modeling.recipe_config import RecipeConfigError, parse_recipe_args, training_setting
 from modeling.run_report import write_model_card, write_run_report
 from modeling.training import (
     NonFiniteGuardCallback,
     PretrainingTrainer,
     ThroughputCallback,
-    collate_packed,
     device_peak_flops,
     latest_complete_checkpoint,
     lr_scheduler_kwargs,
 )
+from training.objectives import ObjectiveArguments, build_collator
 
 
 @dataclass
@@ -69,12 +71,15 @@ REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_
                           "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
 
 
-def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberForCausalLM:
+def build_model(model_args: ModelArguments, tokenizer, seq_len: int, objective: str = "clm") -> EmberForCausalLM:
     special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model_class = EmberForMaskedLM if objective == "mlm" else EmberForCausalLM
+    if objective == "mlm":
+        special["is_causal"] = False  # masked LM: a bidirectional encoder
     if model_args.model_name_or_path:
-        model = EmberForCausalLM.from_pretrained(model_args.model_name_or_path,
-                                                 attn_implementation=model_args.attn_implementation)
+        model = model_class.from_pretrained(model_args.model_name_or_path,
+                                            attn_implementation=model_args.attn_implementation)
         if model.config.vocab_size != len(tokenizer):
             raise RecipeConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} does not match the "
                                     f"tokenizer's {len(tokenizer)} tokens")
@@ -85,11 +90,13 @@ def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberFor
         if config.vocab_size != len(tokenizer):
             raise RecipeConfigError(f"model_overrides.vocab_size: {config.vocab_size} does not match the "
                                     f"tokenizer's {len(tokenizer)} tokens")
-        model = EmberForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+        model = model_class._from_config(config, attn_implementation=model_args.attn_implementation)
     if model.config.max_position_embeddings < seq_len:
         raise RecipeConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
                                 f"the shards' seq_len {seq_len}")
     model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
+    if objective == "mlm":
+        return model
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
     return model
@@ -139,8 +146,9 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        model_args, data_args, args = parse_recipe_args((ModelArguments, DataArguments, TrainingArguments),
-                                                        sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        model_args, data_args, objective_args, args = parse_recipe_args(
+            (ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments),
+            sys.argv[1:] if argv is None else argv, PATH_KEYS)
         data_dir = Path(data_args.data_dir)
         tokenizer = load_tokenizer(data_dir / "tokenizer")
         fingerprint = tokenizer_fingerprint(tokenizer)
@@ -154,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                                     expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
         if validation is not None and len(validation) == 0:
             validation = None
+        collator = build_collator(objective_args, tokenizer, train.seq_len)
         set_seed(args.seed)
-        model = build_model(model_args, tokenizer, train.seq_len)
+        model = build_model(model_args, tokenizer, train.seq_len, objective_args.objective)
     except (RecipeConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = device_peak_flops(data_args.peak_flops)
     guard = NonFiniteGuardCallback(data_args.max_consecutive_nonfinite)
     trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collate_packed, processing_class=tokenizer,
+                                 data_collator=collator, processing_class=tokenizer,
                                  callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
     if trainer.is_world_process_zero():
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
         else:
             metrics.update(trainer.evaluate())
-        if "eval_loss" in metrics:
+        if "eval_loss" in metrics and objective_args.objective == "clm":  # else the loss covers scored tokens only
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
