@@ -97,7 +97,7 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 GENERATION_CONFIG_FILE = "generation_config.json"
-EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py")
+EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py", "modeling_ember_heads.py")
 
 
 def stock_model_type(config: EmberConfig) -> str:

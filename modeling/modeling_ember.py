@@ -234,10 +234,9 @@ def create_attention_mask(
     """
     if config.is_causal:
         mask_function = create_causal_mask if config.sliding_window is None else create_sliding_window_causal_mask
-        extra = {"block_sequence_ids": block_sequence_ids} if block_sequence_ids is not None else {}
         return mask_function(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                              past_key_values=past_key_values, position_ids=position_ids,
-                             allow_is_causal_skip=not materialize, **extra)
+                             block_sequence_ids=block_sequence_ids, allow_is_causal_skip=not materialize)
     documents = None
     if position_ids is not None and attention_mask is None:
         documents = find_packed_sequence_indices(position_ids.expand(inputs_embeds.shape[0], -1))

@@ -108,3 +108,28 @@ def test_qlora_trains_a_4bit_base_on_cuda(tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.9 * losses[0], losses
+
+
+def cuda_encoder(attn: str, **overrides):
+    from modeling import EmberForMaskedLM
+
+    torch.manual_seed(0)
+    config = tiny_model(hidden_size=128, num_attention_heads=4, **overrides).config
+    config.is_causal, config.use_cache = False, False
+    return EmberForMaskedLM._from_config(config, attn_implementation=attn).to("cuda", torch.bfloat16).eval()
+
+
+@requires_cuda
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention",
+                                  pytest.param("flash_attention_2", marks=requires_flash)])
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 8}], ids=["full", "sliding-window"])
+def test_encoder_backends_keep_packed_documents_apart_on_cuda(attn, overrides):
+    eager = cuda_encoder("eager", **overrides)
+    other = cuda_encoder(attn, **overrides)
+    lengths = [17, 30, 17]
+    docs = [torch.randint(0, 128, (1, n), device="cuda") for n in lengths]
+    position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths]).unsqueeze(0)
+    with torch.no_grad():
+        reference = torch.cat([eager(input_ids=d).logits for d in docs], 1).float()
+        packed = other(input_ids=torch.cat(docs, 1), position_ids=position_ids).logits.float()
+    torch.testing.assert_close(packed, reference, rtol=3e-2, atol=3e-2)

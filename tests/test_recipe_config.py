@@ -11,9 +11,9 @@ from modeling.recipe_config import RecipeConfigError, for_installed_transformers
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "recipes"))
-from pretrain import PATH_KEYS, DataArguments, ModelArguments  # noqa: E402
+from pretrain import PATH_KEYS, DataArguments, ModelArguments, ObjectiveArguments  # noqa: E402
 
-TYPES = (ModelArguments, DataArguments, TrainingArguments)
+TYPES = (ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments)
 
 
 def write(tmp_path: Path, values: dict) -> Path:
@@ -27,7 +27,7 @@ def test_yaml_values_overrides_and_number_strings(tmp_path):
     # PyYAML reads 2e-3 (no dot) as a string; numeric fields must still get numbers.
     config = write(tmp_path, {"preset": "125m", "learning_rate": "2e-3", "max_tokens": "1e9",
                               "model_overrides": {"num_hidden_layers": 2}, "output_dir": "out", "use_cpu": True})
-    model, data, args = parse_recipe_args(TYPES, ["--config", str(config), "--max_steps=7", "--weight_decay=0.05",
+    model, data, _, args = parse_recipe_args(TYPES, ["--config", str(config), "--max_steps=7", "--weight_decay=0.05",
                                                   "--preset=nano", "--eval_strategy=no"], PATH_KEYS)
     assert model.preset == "nano" and model.model_overrides == {"num_hidden_layers": 2}
     assert args.learning_rate == 0.002 and isinstance(args.learning_rate, float)
@@ -37,17 +37,17 @@ def test_yaml_values_overrides_and_number_strings(tmp_path):
 
 def test_yaml_no_stays_a_word_for_string_fields(tmp_path):
     config = write(tmp_path, {"save_strategy": False, "position_ids": False, "use_cpu": True})
-    _, data, args = parse_recipe_args(TYPES, ["--config", str(config)], PATH_KEYS)
+    _, data, _, args = parse_recipe_args(TYPES, ["--config", str(config)], PATH_KEYS)
     assert args.save_strategy == "no" and data.position_ids is False
 
 
 def test_relative_paths_resolve_against_the_yaml_or_the_current_directory(tmp_path, monkeypatch):
     config = write(tmp_path, {"data_dir": "../data", "output_dir": "runs/a", "use_cpu": True})
-    _, data, args = parse_recipe_args(TYPES, ["--config", str(config)], PATH_KEYS)
+    _, data, _, args = parse_recipe_args(TYPES, ["--config", str(config)], PATH_KEYS)
     assert data.data_dir == str((tmp_path / "data").resolve())
     assert args.output_dir == str((tmp_path / "configs" / "runs" / "a").resolve())
     monkeypatch.chdir(tmp_path)
-    _, _, args = parse_recipe_args(TYPES, ["--config", str(config), "--output_dir=here"], PATH_KEYS)
+    _, _, _, args = parse_recipe_args(TYPES, ["--config", str(config), "--output_dir=here"], PATH_KEYS)
     assert args.output_dir == str((tmp_path / "here").resolve())
 
 
@@ -77,11 +77,12 @@ def test_missing_and_broken_config_files(tmp_path):
 def test_shipped_recipes_parse_and_state_their_hardware(recipe):
     text = recipe.read_text()
     assert text.startswith("# Hardware:") and "Global batch" in text.split("\n\n")[0]
-    model, data, args = parse_recipe_args(TYPES, ["--config", str(recipe), "--use_cpu=true", "--bf16=false",
-                                                  "--tf32=false"], PATH_KEYS)
+    model, data, objective, args = parse_recipe_args(TYPES, ["--config", str(recipe), "--use_cpu=true",
+                                                             "--bf16=false", "--tf32=false"], PATH_KEYS)
     assert Path(data.data_dir).is_absolute() and Path(args.output_dir).resolve().is_relative_to(REPO_ROOT / "outputs")
     assert (args.adam_beta1, args.adam_beta2, args.weight_decay, args.max_grad_norm) == (0.9, 0.95, 0.1, 1.0)
     assert data.schedule in ("cosine", "wsd") and data.min_lr_ratio == 0.1
+    objective.check(512)
 
 
 def test_renamed_training_fields_take_either_transformers_spelling():

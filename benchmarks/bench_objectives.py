@@ -1,0 +1,181 @@
+"""Masked-LM pretraining of the nano encoder on the stdlib corpus, then finetuning it as a classifier, on CPU.
+
+    python benchmarks/bench_objectives.py [--output benchmarks/results/objectives_cpu.json] [--force]
+
+Stages, each run with the repository's own commands (skipped when its output exists, unless --force):
+
+1. data: `python -m data_prep run` on recipes/configs/data/stdlib.yaml with a mask token, seq_len 256
+   (outputs/data/stdlib_mlm).
+2. pretraining: recipes/pretrain.py with recipes/configs/pretrain_encoder_nano_cpu.yaml.
+3. held-out: masked-token loss and accuracy on the validation blocks (`evaluation.objectives`, 30% masked with
+   a fixed seed, the same masks for both models) and pseudo-perplexity on the first blocks, for the trained
+   encoder and for the untrained one it started from (same config, same seed).
+4. tasks: `python -m data_prep.tasks` (outputs/tasks/stdlib).
+5. finetuning: recipes/finetune_classifier.py with classify_package_nano_cpu.yaml (full) and
+   tag_calls_nano_cpu.yaml (LoRA), from the pretrained encoder and, as the "no pretraining" row, from a
+   random trunk of the same shape (`--from_scratch=true`), against the majority baseline.
+
+Prints the numbers and writes the JSON (machine, commands, seconds, numbers, the tail of each command's
+output) and a Markdown summary next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
+
+OUTPUTS = REPO_ROOT / "outputs"
+DATA = OUTPUTS / "data" / "stdlib_mlm"
+ENCODER = OUTPUTS / "pretrain" / "encoder_nano_cpu"
+TASKS = OUTPUTS / "tasks" / "stdlib"
+FINETUNE = OUTPUTS / "finetune"
+PY = sys.executable
+STAGES = {
+    "data": ([PY, "-m", "data_prep", "run", "--config", "recipes/configs/data/stdlib.yaml", "--workers", "2",
+              f"--output_dir={DATA}", "--tokenizer.mask_token=true", "--pack.seq_len=256"], DATA / "tokens"),
+    "pretrain": ([PY, "recipes/pretrain.py", "--config", "recipes/configs/pretrain_encoder_nano_cpu.yaml"],
+                 ENCODER / "model.safetensors"),
+    "tasks": ([PY, "-m", "data_prep.tasks", f"--output={TASKS}"], TASKS / "report.json"),
+}
+FINETUNES = {
+    "package": "recipes/configs/classify_package_nano_cpu.yaml",
+    "calls": "recipes/configs/tag_calls_nano_cpu.yaml",
+}
+
+
+def run(name: str, command: list[str], done: Path, force: bool, log: dict) -> None:
+    if done.exists() and not force:
+        print(f"[bench] {name}: {done} exists, skipped")
+        log[name] = {"command": " ".join(command), "skipped": True}
+        return
+    print(f"[bench] {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    log[name] = {"command": " ".join(command), "seconds": round(seconds, 1), "returncode": result.returncode,
+                 "output_tail": (result.stdout + result.stderr)[-2000:]}
+    if result.returncode != 0:
+        raise SystemExit(f"[bench] {name} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    print(f"[bench] {name}: {seconds:.0f} s", flush=True)
+
+
+def held_out() -> dict:
+    """Masked-token loss / accuracy and pseudo-perplexity of the untrained and the trained encoder."""
+    from data_prep.token_dataset import PackedDataset
+    from data_prep.tokenizer import load_tokenizer
+    from evaluation.objectives import objective_metrics, pseudo_perplexity
+    from modeling import EmberForMaskedLM
+    from training.objectives import MaskedLMCollator
+
+    tokenizer = load_tokenizer(ENCODER)
+    validation = PackedDataset(DATA / "tokens" / "validation", return_position_ids=True)
+    trained = EmberForMaskedLM.from_pretrained(ENCODER)
+    torch.manual_seed(0)  # the recipe's seed: the weights the run started from
+    untrained = EmberForMaskedLM._from_config(trained.config)
+    numbers = {"validation_blocks": len(validation), "mask_rate": 0.3}
+    for name, model in (("untrained", untrained), ("trained", trained)):
+        numbers[name] = {
+            "masked": objective_metrics(model, validation, MaskedLMCollator(tokenizer, mask_rate=0.3), batch_size=16),
+            "pseudo": pseudo_perplexity(model, validation, tokenizer.mask_token_id, tokenizer.all_special_ids,
+                                        max_blocks=2, batch_size=32),
+        }
+    return numbers
+
+
+def finetune(task: str, from_scratch: bool, force: bool, log: dict) -> dict:
+    name = f"{task}_{'scratch' if from_scratch else 'pretrained'}"
+    output = FINETUNE / f"bench_{name}"
+    command = [PY, "recipes/finetune_classifier.py", "--config", FINETUNES[task], f"--output_dir={output}",
+               f"--from_scratch={str(from_scratch).lower()}"]
+    run(f"finetune_{name}", command, output / "classifier_results.json", force, log)
+    return json.loads((output / "classifier_results.json").read_text())
+
+
+def markdown(report: dict) -> str:
+    held = report["held_out"]
+    u, t = held["untrained"], held["trained"]
+    rows = [
+        "# Objectives on CPU: masked-LM encoder and classifier finetuning", "",
+        f"Machine: {report['machine']['cpu']} ({report['machine']['cores']} cores), torch "
+        f"{report['machine']['torch']}, transformers {report['machine']['transformers']}. "
+        f"Command: `{report['command']}`.", "",
+        "## Masked-LM pretraining (recipes/configs/pretrain_encoder_nano_cpu.yaml)", "",
+        f"Held-out: {held['validation_blocks']} validation blocks of 256 tokens, {held['mask_rate']:.0%} of the tokens "
+        "masked with a fixed seed (the same masks for both rows); pseudo-perplexity over the first 2 blocks.", "",
+        "| encoder | masked-token loss (nats) | masked-token accuracy | pseudo-perplexity |",
+        "| --- | --- | --- | --- |",
+        f"| untrained (same config and seed) | {u['masked']['loss']:.3f} | {u['masked']['accuracy']:.3f} | "
+        f"{u['pseudo']['pseudo_perplexity']:.1f} |",
+        f"| after pretraining | {t['masked']['loss']:.3f} | {t['masked']['accuracy']:.3f} | "
+        f"{t['pseudo']['pseudo_perplexity']:.1f} |", "",
+        "## Finetuning (recipes/finetune_classifier.py)", "",
+        "| task | metric | majority baseline | random trunk | pretrained encoder | margin over baseline |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, key in (("package", "accuracy"), ("calls", "entity_f1")):
+        scratch, pretrained = report["finetune"][f"{task}_scratch"], report["finetune"][f"{task}_pretrained"]
+        rows.append(f"| {task} | {key} | {pretrained['majority_baseline'][key]:.3f} | "
+                    f"{scratch['validation'][key]:.3f} | {pretrained['validation'][key]:.3f} | "
+                    f"{pretrained['margin_over_baseline']:+.3f} |")
+        if task == "package":
+            rows.append(f"| package | macro_f1 | {pretrained['majority_baseline']['macro_f1']:.3f} | "
+                        f"{scratch['validation']['macro_f1']:.3f} | {pretrained['validation']['macro_f1']:.3f} | "
+                        f"{pretrained['validation']['macro_f1'] - pretrained['majority_baseline']['macro_f1']:+.3f} |")
+    rows += ["", "Stage wall times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in report["stages"].items()
+                                                      if "seconds" in v), ""]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "objectives_cpu.json"))
+    parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
+    args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()
+    stages: dict = {}
+    for name, (command, done) in STAGES.items():
+        if name == "tasks":
+            continue
+        run(name, command, done, args.force, stages)
+    held = held_out()
+    print(json.dumps(held, indent=2))
+    command, done = STAGES["tasks"]
+    run("tasks", command, done, args.force, stages)
+    results = {f"{task}_{kind}": finetune(task, kind == "scratch", args.force, stages)
+               for task in FINETUNES for kind in ("scratch", "pretrained")}
+    report = {
+        "command": " ".join(["python", "benchmarks/bench_objectives.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model_name(), "cores": available_cores(),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "load_average_start": load_at_start, "load_average_end": os.getloadavg()},
+        "stages": stages, "held_out": held,
+        "finetune": {name: {key: result[key] for key in ("validation", "majority_baseline", "margin_over_baseline",
+                                                         "train_examples", "validation_examples", "labels")}
+                     for name, result in results.items()},
+        "tasks": json.loads((TASKS / "report.json").read_text()),
+    }
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
