@@ -31,6 +31,7 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 # Backends that accept an additive float bias as their attention mask (ALiBi and the relative bias need one).
 BIAS_CAPABLE_ATTENTION = ("eager", "sdpa")
 BIASED_POSITIONS = ("alibi", "relative")
+CLASSIFIER_POOLINGS = ("last", "mean")
 
 # Shapes follow the published models they are named after: "1b" is TinyLlama-1.1B, "7b" is
 # LLaMA-2-7B, "gpt2-124m" is GPT-2 small (LayerNorm, learned positions, GELU, MHA, biases).
@@ -114,6 +115,10 @@ class EmberConfig(PreTrainedConfig):
         tie_word_embeddings: Share the input embedding matrix with the output head.
         use_cache: Return a KV cache from forward passes. Defaults to True for decoders; an encoder has
             no cache.
+        classifier_pooling: How `EmberForSequenceClassification` turns token states into one vector:
+            "last" (the last non-padding token, which in a decoder has read the whole text) or "mean"
+            (the average over non-padding tokens, the usual choice for an encoder, whose masked-LM
+            training gives no token a summary role). Defaults to "last" for decoders, "mean" for encoders.
         initializer_range: Standard deviation of the normal initialisation of weight matrices.
         num_local_experts: Number of MoE experts per layer; 0 means a dense MLP.
         num_experts_per_tok: Experts each token is routed to (top-k).
@@ -165,6 +170,7 @@ class EmberConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
     use_cache: bool | None = None
+    classifier_pooling: str | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -182,6 +188,8 @@ class EmberConfig(PreTrainedConfig):
             self.hidden_act = MLP_TYPES[self.mlp_type][1]
         if self.use_cache is None:
             self.use_cache = self.is_causal
+        if self.classifier_pooling is None:
+            self.classifier_pooling = "last" if self.is_causal else "mean"
         # Check Ember's own rules first: they raise a plain one-line ValueError naming the field.
         self.check_architecture()
         super().__post_init__(**kwargs)
@@ -192,6 +200,7 @@ class EmberConfig(PreTrainedConfig):
         _check_choice("norm_type", self.norm_type, NORM_TYPES)
         _check_choice("norm_placement", self.norm_placement, NORM_PLACEMENTS)
         _check_choice("mlp_type", self.mlp_type, tuple(MLP_TYPES))
+        _check_choice("classifier_pooling", self.classifier_pooling, CLASSIFIER_POOLINGS)
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"hidden_act: unknown activation {self.hidden_act!r}; see transformers.activations.ACT2FN")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -1,11 +1,12 @@
 """Task heads on the Ember trunk: masked LM, sequence classification, token classification.
 
 `EmberForMaskedLM` pretrains an encoder (`is_causal=False`) BERT-style; the classification heads take
-either an encoder or a decoder trunk (a decoder's last token has seen the whole text, an encoder's
-every token has). The classification heads are transformers' generic ones
+either an encoder or a decoder trunk. They are transformers' generic ones
 (`GenericForSequenceClassification` pools the last non-padding token, `GenericForTokenClassification`
 scores every token), built on `EmberModel` directly so that they also load as remote code, where
-`AutoModel` does not know Ember. All heads keep the trunk under `model.`, so a checkpoint of one
+`AutoModel` does not know Ember. The sequence head also pools by the mean over the text
+(`config.classifier_pooling`, the default for encoders): a masked-LM encoder's last token carries
+mostly its own neighbourhood, not a summary of the text. All heads keep the trunk under `model.`, so a checkpoint of one
 head (or of `EmberForCausalLM`) initialises another.
 
 This file is shipped next to saved checkpoints as remote code: it imports only from torch,
@@ -15,7 +16,7 @@ transformers and its siblings `modeling_ember.py` and `configuration_ember.py`.
 import torch
 from torch import nn
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutputWithPast
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
@@ -73,7 +74,8 @@ class EmberForMaskedLM(EmberPreTrainedModel):
 
 
 class EmberForSequenceClassification(GenericForSequenceClassification, EmberPreTrainedModel):
-    """One label per text from the last non-padding token (`config.pad_token_id` marks padding)."""
+    """One label per text, from the last non-padding token or the mean over the non-padding tokens
+    (`config.classifier_pooling`; `attention_mask`, else `config.pad_token_id`, marks padding)."""
 
     def __init__(self, config: EmberConfig):
         EmberPreTrainedModel.__init__(self, config)
@@ -81,6 +83,36 @@ class EmberForSequenceClassification(GenericForSequenceClassification, EmberPreT
         self.model = EmberModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        if self.config.classifier_pooling == "last":
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        if attention_mask is not None:
+            keep = attention_mask.to(hidden_states.dtype)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            keep = (input_ids != self.config.pad_token_id).to(hidden_states.dtype)
+        else:
+            keep = hidden_states.new_ones(hidden_states.shape[:2])
+        pooled = (hidden_states * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        logits = self.score(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                                attentions=outputs.attentions)
 
 
 class EmberForTokenClassification(GenericForTokenClassification, EmberPreTrainedModel):

@@ -198,27 +198,41 @@ def test_classification_heads_and_their_losses():
     ids = random_ids(batch=3, length=10)
     ids[ids == 0] = 1
     ids[0, 7:] = 0  # right padding of the first text
-    sequence = encoder(head=EmberForSequenceClassification, **config)
+    mask = (ids != 0).long()
     labels = torch.tensor([0, 2, 1])
-    with torch.no_grad():
-        out = sequence(input_ids=ids, attention_mask=(ids != 0).long(), labels=labels)
-        trunk = sequence.model(input_ids=ids, attention_mask=(ids != 0).long()).last_hidden_state
-    assert out.logits.shape == (3, 3)
-    pooled = sequence.score(trunk[torch.arange(3), torch.tensor([6, 9, 9])])  # the last non-padding token
-    torch.testing.assert_close(out.logits, pooled)
-    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(pooled, labels))
+    for pooling in ("mean", "last"):  # an encoder pools by the mean unless told otherwise
+        sequence = encoder(head=EmberForSequenceClassification, **config,
+                           **({} if pooling == "mean" else {"classifier_pooling": "last"}))
+        assert sequence.config.classifier_pooling == pooling
+        with torch.no_grad():
+            out = sequence(input_ids=ids, attention_mask=mask, labels=labels)
+            trunk = sequence.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert out.logits.shape == (3, 3)
+        if pooling == "mean":
+            pooled = sequence.score((trunk * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+            with torch.no_grad():  # without a mask, the pooling still leaves out pad_token_id positions
+                unmasked = sequence.model(input_ids=ids).last_hidden_state
+                expected = sequence.score((unmasked * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
+                torch.testing.assert_close(sequence(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+        else:
+            pooled = sequence.score(trunk[torch.arange(3), torch.tensor([6, 9, 9])])  # the last non-padding token
+        torch.testing.assert_close(out.logits, pooled, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(pooled, labels))
 
     tokens = encoder(head=EmberForTokenClassification, **config)
     tags = torch.randint(0, 3, ids.shape)
     tags[0, 7:] = -100
     with torch.no_grad():
-        out = tokens(input_ids=ids, attention_mask=(ids != 0).long(), labels=tags)
+        out = tokens(input_ids=ids, attention_mask=mask, labels=tags)
     assert out.logits.shape == (3, 10, 3)
     kept = tags != -100
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits[kept], tags[kept]))
-    # a decoder trunk serves the same heads
+    # a decoder trunk serves the same heads, pooling its last token
     decoder_head = EmberForSequenceClassification(tiny_config(**config))
-    assert decoder_head.config.is_causal and decoder_head(input_ids=ids).logits.shape == (3, 3)
+    assert decoder_head.config.classifier_pooling == "last"
+    assert decoder_head(input_ids=ids).logits.shape == (3, 3)
+    with pytest.raises(ValueError, match="^classifier_pooling: "):
+        tiny_config(classifier_pooling="max")
 
 
 def test_a_masked_lm_checkpoint_initialises_the_classifiers_trunk(tmp_path):

@@ -291,7 +291,10 @@ class UL2Collator:
         vocab = tokenizer.get_vocab()
         self.sentinels = sentinel_token_ids(tokenizer)
         self.mode_ids = {mode: vocab.get(token) for mode, token in DENOISER_TOKENS.items()}
-        needed = max((self.fit(seq_len, d)[2] for d in mixture if d.mode != "s"), default=0)
+        # Source length per denoiser: all but the denoiser token for S, the longest that fits for R and X.
+        fits = {d: self.fit(seq_len, d) for d in mixture if d.mode != "s"}
+        self.source_lengths = {d: fits[d][0] if d in fits else seq_len - 1 for d in mixture}
+        needed = max((spans for _, _, spans in fits.values()), default=0)
         if None in self.mode_ids.values() or len(self.sentinels) < needed:
             raise ValueError(f"tokenizer.num_sentinel_tokens: objective 'ul2' at seq_len {seq_len} needs the denoiser "
                              f"tokens and {needed} sentinels, the tokenizer has {len(self.sentinels)} (train it "
@@ -299,7 +302,8 @@ class UL2Collator:
         self.seq_len, self.mixture, self.generator = seq_len, mixture, generator
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def fit(self, seq_len: int, denoiser: Denoiser) -> tuple[int, int, int]:
+    @staticmethod
+    def fit(seq_len: int, denoiser: Denoiser) -> tuple[int, int, int]:
         """(source length, noise tokens, spans) of the longest source whose example fits in `seq_len`:
         1 denoiser token + source + 2 sentinels per span."""
         length = seq_len - 1
@@ -329,8 +333,7 @@ class UL2Collator:
     def example(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
         draw = int(torch.randint(len(self.mixture), (1,), generator=self.generator))
         denoiser = self.mixture[draw]
-        length = self.seq_len - 1 if denoiser.mode == "s" else self.fit(self.seq_len, denoiser)[0]
-        inputs, targets = self.corrupt(block[:length], denoiser)
+        inputs, targets = self.corrupt(block[: self.source_lengths[denoiser]], denoiser)
         prefix = torch.cat([block.new_tensor([self.mode_ids[denoiser.mode]]), inputs])
         sequence = torch.cat([prefix, targets])
         used = len(sequence)
