@@ -32,7 +32,7 @@ quickstart: install
 
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
 data: install
-	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2
 
 test: install
 	$(PY) -m pytest -n 2 -m "not gpu" tests
@@ -50,7 +50,7 @@ gpu-prep: install
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl \
 		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" constraints.txt || echo $$name; done)
-	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2 \
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2 \
 		--output_dir=outputs/gpu_data --sources.0.max_docs=900
 
 # The oldest transformers Ember supports, in its own venv (everything else as in constraints.txt).

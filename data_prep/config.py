@@ -9,17 +9,14 @@ resolve against the current directory, where the user typed them.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from cli import ConfigError, parse_args
 
-
-class ConfigError(ValueError):
-    """A pipeline config problem; the message is one line that names the key."""
+KINDS = ("text", "code")  # what a source holds; it picks the filters and cleaning rules
 
 
 @dataclass
@@ -283,129 +280,16 @@ class PipelineConfig:
 
 
 # Keys holding paths, rebased against the YAML's directory when relative.
-_PATH_KEYS = {"output_dir", "sources.*.paths.*", "sources.*.path", "toxicity.wordlist", "decontam.eval_files.*",
-              "tokenizer.path"}
+PATH_KEYS = ("output_dir", "sources.*.paths.*", "sources.*.path", "toxicity.wordlist", "decontam.eval_files.*",
+             "tokenizer.path")
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(annotation, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _convert(value, non_none[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: required key is missing")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from None
-
-
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` in a nested dict/list structure, creating mappings as needed."""
-    parts = dotted.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: no such list item")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{dotted}: no such list item")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _rebase_paths(raw: Any, base: Path, prefix: str = "") -> Any:
-    if isinstance(raw, dict):
-        return {k: _rebase_paths(v, base, f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_rebase_paths(v, base, f"{prefix}.{i}") for i, v in enumerate(raw)]
-    if isinstance(raw, str) and _is_path_key(prefix) and not Path(raw).expanduser().is_absolute():
-        return str(base / raw)
-    return raw
-
-
-def _is_path_key(dotted: str) -> bool:
-    parts = dotted.split(".")
-    for pattern in _PATH_KEYS:
-        pat = pattern.split(".")
-        if len(pat) == len(parts) and all(p == "*" and q.isdigit() or p == q for p, q in zip(pat, parts)):
-            return True
-    return False
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; a missing file or bad YAML is a one-line ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return loaded
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[str, Any] | None = None,
                 raw: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML (or a ready dict), apply `key=value` overrides, validate."""
-    if path is not None:
-        path = Path(path)
-        raw = _rebase_paths(read_yaml_mapping(path), path.resolve().parent)
-    raw = dict(raw or {})
-    for item in overrides or []:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep:
-            raise ConfigError(f"{item}: overrides are written --key=value")
-        parsed = _parse_scalar(value)
-        if _is_path_key(key) and isinstance(parsed, str):
-            parsed = str(Path(parsed).expanduser().resolve())
-        apply_override(raw, key, parsed)
-    return _build(PipelineConfig, raw)
+    """Load a pipeline YAML (or a ready dict) and validate it, after `overrides`: command-line `--key=value`
+    strings, or a mapping of (dotted) keys to typed values."""
+    typed = overrides if isinstance(overrides, Mapping) else None
+    argv = [] if typed is not None else list(overrides or [])
+    (cfg,) = parse_args((PipelineConfig,), argv, config=path if path is not None else raw or {}, overrides=typed,
+                        path_keys=PATH_KEYS)
+    return cfg

@@ -46,9 +46,7 @@ from datatrove.pipeline.filters.c4_filters import CITATION_REGEX
 from datatrove.utils.text import TERMINAL_PUNCTUATION
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer
 
-from data_prep.config import CodeFilterConfig, ConfigError, FiltersConfig, LanguageFilterConfig
-
-KINDS = ("text", "code")
+from data_prep.config import KINDS, CodeFilterConfig, ConfigError, FiltersConfig, LanguageFilterConfig
 
 # Language ID reads the start of a document: enough for a confident guess, bounded cost on huge ones.
 LANGID_MAX_CHARS = 4000

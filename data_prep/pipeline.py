@@ -33,16 +33,20 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm.auto import tqdm
 
-from data_prep.config import PipelineConfig
+from data_prep.config import PackConfig, PipelineConfig, load_config
 from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
 from data_prep.report import StepReport, format_table, load_reports, merge_reports, save_reports
 
+if TYPE_CHECKING:
+    from data_prep.dedup import Removal
+
 STEPS = ("filter", "dedup", "split", "tokenizer", "pack")
+RUN_CONFIG_FILE = "pipeline_config.yaml"  # the run's settings, written at its start
 SPLITS = ("train", "validation")
 HELDOUT_SAMPLE_BYTES = 20_000_000  # validation text the tokenizer's compression is measured on
 
@@ -170,7 +174,7 @@ def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     return outs
 
 
-def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
+def _routed(source: Path, removals: dict[int, Removal], fraction: float, split: str,
             reports: tuple[StepReport, StepReport] | None) -> Iterator[dict[str, Any]]:
     docs = read_docs(source)
     if reports:
@@ -182,7 +186,7 @@ def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
             dedup, split_report = reports
             dedup.seen(doc["text"])
             if position in removals:
-                dedup.remove(removals[position], doc["id"])
+                dedup.remove(removals[position].reason, doc["id"])
             else:
                 dedup.kept(doc["text"])
                 split_report.seen(doc["text"])
@@ -342,7 +346,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     cfg.root.mkdir(parents=True, exist_ok=True)
     if shard_indices is None:  # array tasks may be writing beside us otherwise
         remove_stale_temporaries(cfg.root)
-    atomic_write_text(cfg.root / "pipeline_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(cfg.root / RUN_CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     timings = {}
     for step in STEPS:
         if step not in steps:
@@ -360,6 +364,13 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if reports:
         write_summary(cfg, reports, timings)
     return reports
+
+
+def packing_settings(data_dir: str | Path) -> PackConfig:
+    """How a finished run packed its documents (its `pack` section), for packing more the same way on the fly;
+    the defaults for a folder that no pipeline run wrote."""
+    saved = Path(data_dir) / RUN_CONFIG_FILE
+    return load_config(saved).pack if saved.is_file() else PackConfig()
 
 
 def remove_stale_temporaries(root: Path) -> int:

@@ -38,7 +38,6 @@ and `add_generation_prompt=True` appends `<|im_start|>assistant\\n`. No BOS is p
 An assistant message's content and its closing `<|im_end|>` sit in a `{% generation %}` block, so
 `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks the tokens a
 finetuned model should learn to produce, stop token included (the markers render as nothing).
-`parse_chat` turns a rendered conversation back into messages.
 """
 
 from __future__ import annotations
@@ -97,7 +96,6 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_CHAT_MESSAGE = re.compile(re.escape(IM_START) + r"([^\n]*)\n(.*?)" + re.escape(IM_END) + r"\n", re.DOTALL)
 
 # The parts of tokenizer.json that decide which ids a text gets; truncation, padding and the
 # post-processor (BOS/EOS insertion) are runtime settings and do not change packed data.
@@ -321,16 +319,6 @@ def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerFast | Tokenizer 
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Ids of eos, pad, and (when the vocabulary has them) the FIM and chat tokens."""
-    ids = {"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    optional = {"fim_prefix": FIM_PREFIX, "fim_middle": FIM_MIDDLE, "fim_suffix": FIM_SUFFIX,
-                "im_start": IM_START, "im_end": IM_END}
-    vocab = tokenizer.get_vocab()
-    ids.update({name: vocab[token] for name, token in optional.items() if token in vocab})
-    return ids
-
-
 # ---------------------------------------------------------------------------------------------
 # Encoding documents
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +375,3 @@ def compression_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], 
     stats["bytes_per_token"] = stats["bytes"] / tokens if tokens else 0.0
     stats["chars_per_token"] = stats["chars"] / tokens if tokens else 0.0
     return stats
-
-
-def parse_chat(rendered: str) -> list[dict[str, str]]:
-    """Messages of a conversation rendered by the chat template (a trailing generation prompt is ignored)."""
-    return [{"role": role, "content": content} for role, content in _CHAT_MESSAGE.findall(rendered)]

@@ -29,12 +29,13 @@ saved by transformers in Mixtral's original per-expert layout (`block_sparse_moe
 which those readers expect.
 """
 
-import argparse
 import copy
 import json
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,7 +51,10 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cli import ConfigError, parse_args, report_error
+
 from . import EmberConfig, EmberForCausalLM
+from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
 
 # Fields spelled the same, with the same meaning, in Ember and in the stock configs.
 SHARED_FIELDS = (
@@ -83,18 +87,6 @@ STOCK_CLASSES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] =
     "mistral": (MistralConfig, MistralForCausalLM),
     "mixtral": (MixtralConfig, MixtralForCausalLM),
 }
-# Files copied verbatim from SRC to DST when present.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 GENERATION_CONFIG_FILE = "generation_config.json"
 EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py")
 
@@ -280,36 +272,37 @@ def _write_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m modeling.convert` command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modeling.convert",
-        description="Convert checkpoints between Ember and transformers' stock Llama / Mistral / Mixtral classes.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    to = commands.add_parser("to-hf", help="Ember checkpoint -> stock LlamaForCausalLM / Mistral / Mixtral")
-    to.add_argument("src", help="folder of an Ember checkpoint (save_pretrained output)")
-    to.add_argument("dst", help="folder to write the stock checkpoint to")
-    back = commands.add_parser("from-hf", help="stock Llama / Mistral / Mixtral checkpoint -> Ember")
-    back.add_argument("src", help="folder of a stock Llama / Mistral / Mixtral checkpoint")
-    back.add_argument("dst", help="folder to write the Ember checkpoint to")
-    return parser
+COMMANDS = {"to-hf": "Ember checkpoint -> stock LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM",
+            "from-hf": "stock Llama / Mistral / Mixtral checkpoint -> Ember"}
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class ConvertArguments:
+    src: str = field(metadata={"help": "the checkpoint folder to convert (first positional argument)"})
+    dst: str = field(metadata={"help": "the folder to write (second positional argument)"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; a bad input ends with a one-line `error:` message and exit status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "python -m modeling.convert COMMAND SRC DST\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__ + "\ncommands:\n" + usage)
+        return 0 if argv else 2
+    command, argv = argv[0], argv[1:]
     try:
-        if args.command == "to-hf":
+        if command not in COMMANDS:
+            raise ConfigError(f"{command}: unknown command (one of {', '.join(COMMANDS)})")
+        (args,) = parse_args((ConvertArguments,), argv, prog=f"python -m modeling.convert {command}",
+                             description=COMMANDS[command], positionals=("src", "dst"), path_keys=("src", "dst"))
+        if command == "to-hf":
             class_name = to_hf(args.src, args.dst)
             print(f"wrote {class_name} to {args.dst}")
         else:
             from_hf(args.src, args.dst)
             print(f"wrote EmberForCausalLM to {args.dst}")
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split())  # keep it on one line
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
     return 0
 
 

@@ -7,7 +7,7 @@ Stages, each one a recipe of its own that this script only chains:
   1. data          python -m data_prep on the embedded corpus (the interpreter's standard library):
                    cleaning, quality filters, dedup, held-out split, tokenizer training, packing
   2. pretrain      recipes/pretrain.py: a nano model on the packed shards
-  3. perplexity    held-out bits per byte of the untrained and of the pretrained model (modeling.evaluation)
+  3. perplexity    held-out bits per byte of the untrained and of the pretrained model (evaluation.perplexity)
   4. instructions  "docstring -> function" pairs from the training documents (data_prep.instructions)
   5. finetune      recipes/finetune_lora.py: LoRA on the pretrained model, response loss before and after
   6. generate      samples from the pretrained model and chat answers from the finetuned one
@@ -19,30 +19,29 @@ reruns everything); an interrupted data or pretraining stage resumes where it st
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+from cli import ConfigError, dotted_items, parse_args, report_error
+from data_prep.config import load_config
+from data_prep.instructions import build_instruction_set
+from data_prep.io import atomic_write_text
+from data_prep.pipeline import run_pipeline
+from evaluation.generation import generate, load_for_generation
+from evaluation.perplexity import evaluate_path
+from modeling.loading import load_checkpoint
+from recipes import finetune_lora as finetune_recipe
+from recipes import pretrain as pretrain_recipe
+from training.quickstart_report import write_quickstart_report
 
-from data_prep.config import load_config  # noqa: E402
-from data_prep.instructions import build_instruction_set  # noqa: E402
-from data_prep.io import atomic_write_text  # noqa: E402
-from data_prep.pipeline import run_pipeline  # noqa: E402
-from modeling.evaluation import evaluate_path, load_model_and_tokenizer  # noqa: E402
-from modeling.generation import generate, load_for_generation  # noqa: E402
-from modeling.quickstart_report import write_quickstart_report  # noqa: E402
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args  # noqa: E402
-
-DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "quickstart_cpu.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
 
 
@@ -51,7 +50,7 @@ class QuickstartArguments:
     output_dir: str = field(default="", metadata={"help": "everything the run writes goes under this folder"})
     force: bool = field(default=False, metadata={"help": "rerun finished stages"})
     data_config: str = ""
-    data_overrides: list[str] = field(default_factory=list, metadata={"help": "--key=value for python -m data_prep"})
+    data_overrides: dict = field(default_factory=dict, metadata={"help": "pipeline keys (dotted) over data_config"})
     pretrain_config: str = ""
     pretrain_overrides: dict = field(default_factory=dict)
     eval_max_documents: int = field(default=0, metadata={"help": "held-out documents scored; 0 = all"})
@@ -66,20 +65,6 @@ class QuickstartArguments:
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_k: int = 40
-
-
-def load_recipe(name: str):
-    """recipes/<name>.py as a module (recipes are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"ember_recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-def as_overrides(values: dict) -> list[str]:
-    return [f"--{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
-            for key, value in values.items()]
 
 
 class Stages:
@@ -126,15 +111,15 @@ def sample(model_dir: Path, prompts: list[str], args: QuickstartArguments, chat:
     return samples
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     try:
-        (args,) = parse_recipe_args((QuickstartArguments,), argv, PATH_KEYS)
-    except RecipeConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+        (args,) = parse_args((QuickstartArguments,), argv, prog="recipes/quickstart.py",
+                             description=__doc__.split("\n\n")[0], config=None if has_config else DEFAULT_CONFIG,
+                             path_keys=PATH_KEYS)
+    except ConfigError as err:
+        return report_error(err)
     out = Path(args.output_dir)
     data_dir, pretrain_dir = out / "data", out / "pretrain"
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
@@ -142,13 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def data() -> dict:
-        run_pipeline(load_config(args.data_config, [f"--output_dir={data_dir}", *args.data_overrides]), workers=2)
+        overrides = {**dotted_items(args.data_overrides), "output_dir": str(data_dir)}
+        run_pipeline(load_config(args.data_config, overrides), workers=2)
         return {"report": json.loads((data_dir / "report.json").read_text())}
 
     def pretrain() -> dict:
-        code = load_recipe("pretrain").main(["--config", args.pretrain_config, f"--data_dir={data_dir}",
-                                             f"--output_dir={pretrain_dir}", "--resume_from_checkpoint=auto",
-                                             *as_overrides(args.pretrain_overrides)])
+        code = pretrain_recipe.main(config=args.pretrain_config, overrides={
+            **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(pretrain_dir),
+            "resume_from_checkpoint": "auto"})
         if code != 0:
             raise SystemExit(code)
         state = json.loads((pretrain_dir / "trainer_state.json").read_text())
@@ -157,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None}
 
     def perplexity() -> dict:
-        model, tokenizer = load_model_and_tokenizer(pretrain_dir, device="cpu")
+        model, tokenizer = load_checkpoint(pretrain_dir, device="cpu")
         torch.manual_seed(0)  # the same architecture, freshly initialised: what the data alone gives
         untrained = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
         return {"untrained": held_out_bits_per_byte(untrained, tokenizer, data_dir, args),
@@ -167,11 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return build_instruction_set(data_dir, instructions_dir, max_examples=args.instruction_max_examples)
 
     def finetune() -> dict:
-        code = load_recipe("finetune_lora").main([
-            "--config", args.finetune_config, f"--model_name_or_path={pretrain_dir}",
-            f"--train_file={instructions_dir / 'train.jsonl'}",
-            f"--validation_file={instructions_dir / 'validation.jsonl'}", f"--output_dir={finetune_dir}",
-            *as_overrides(args.finetune_overrides)])
+        code = finetune_recipe.main(config=args.finetune_config, overrides={
+            **args.finetune_overrides, "model_name_or_path": str(pretrain_dir),
+            "train_file": str(instructions_dir / "train.jsonl"),
+            "validation_file": str(instructions_dir / "validation.jsonl"), "output_dir": str(finetune_dir)})
         if code != 0:
             raise SystemExit(code)
         return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text())}

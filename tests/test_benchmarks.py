@@ -1,6 +1,5 @@
 """The benchmark scripts run end to end at toy size and write well-formed results (no timing asserted)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -81,11 +80,9 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
 
     # In process, on hand-made input: the recipe's grouping drops the tail, and the token check refuses a corpus
     # that the two paths tokenize differently (run_clm's tokenizer call matches special-token text, Ember's does not).
-    spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "benchmarks" / "bench_data_prep.py")
-    bench = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # where the script finds bench_common when run
     try:
-        spec.loader.exec_module(bench)
+        import bench_data_prep as bench
     finally:
         sys.path.remove(str(REPO_ROOT / "benchmarks"))
     batch = {"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]}

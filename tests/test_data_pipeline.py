@@ -230,11 +230,13 @@ def test_shard_by_shard_runs_equal_one_run(finished_run, corpus_dir, tmp_path, c
 
     cfg, _, _ = finished_run
     config = write_config(corpus_dir, tmp_path / "out")
-    assert main(["run", "--config", str(config), "--shard-index", "2"]) == 0
-    assert "other shards are not finished" in capsys.readouterr().out
+    assert main(["run", "--config", str(config), "--shard-index", "2"]) == 0  # the old spelling still works
+    captured = capsys.readouterr()
+    assert "other shards are not finished" in captured.out
+    assert "warning: --shard-index is deprecated, write --shard_index" in captured.err
     for step in ("filter", "dedup", "split", "tokenizer", "pack"):
         for index in ([None] if step in ("dedup", "tokenizer") else [1, 0, 2]):
-            shard = [] if index is None else ["--shard-index", str(index)]
+            shard = [] if index is None else [f"--shard_index={index}"]
             assert main([step, "--config", str(config), *shard]) == 0, (step, index, capsys.readouterr().err)
     assert outputs(tmp_path / "out") == outputs(cfg.root)
 
@@ -263,7 +265,7 @@ def test_shipped_configs_load_with_paths_beside_them(config):
 def test_default_stdlib_config_runs_offline_at_small_size(tmp_path):
     config = REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"
     result = _cli("run", "--config", str(config), f"--output_dir={tmp_path / 'out'}", "--sources.0.max_docs=80",
-                  "--num-shards", "2", "--tokenizer.vocab_size=512", "--pack.seq_len=128", env={"HF_HUB_OFFLINE": "1"})
+                  "--num_shards=2", "--tokenizer.vocab_size=512", "--pack.seq_len=128", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation:" in result.stdout
     summary = json.loads((tmp_path / "out" / "report.json").read_text())

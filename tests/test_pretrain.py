@@ -94,7 +94,7 @@ def test_config_mistakes_are_one_line_errors(data_dir, tmp_path):
     result = pretrain(f"--data_dir={data_dir}", f"--output_dir={tmp_path}", "--learning_rat=0.1")
     assert result.returncode == 2
     assert recipe_error(result.stderr) == (
-        "error: learning_rat: unknown key (see the recipe's dataclasses and transformers.TrainingArguments)")
+        "error: learning_rat: unknown key (did you mean 'learning_rate'? --help lists every key)")
     result = pretrain(f"--data_dir={data_dir}", f"--output_dir={tmp_path}", "--model_overrides={vocab_size: 1000}")
     assert result.returncode == 2
     assert recipe_error(result.stderr) == (

@@ -19,7 +19,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from data_prep.token_dataset import PackedDataset
 from modeling import EmberConfig, EmberForCausalLM
-from modeling.training import PretrainingTrainer, collate_packed, latest_complete_checkpoint
+from training.checkpoints import latest_complete_checkpoint
+from training.trainer import PretrainingTrainer, collate_packed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"

@@ -13,9 +13,10 @@ import pytest
 from conftest import tiny_model
 from transformers import TrainingArguments
 
-from data_prep.token_dataset import StreamingPackedDataset, open_document_stream
+from data_prep.documents import open_document_stream
+from data_prep.token_dataset import StreamingPackedDataset
 from data_prep.tokenizer import load_tokenizer
-from modeling.training import PretrainingTrainer, collate_packed, is_rank_stream
+from training.trainer import PretrainingTrainer, collate_packed, is_rank_stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"

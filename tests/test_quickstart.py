@@ -11,8 +11,9 @@ from conftest import recipe_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--data_overrides=[--num_shards=1, --sources.0.max_docs=60, --tokenizer.vocab_size=512, --pack.seq_len=64, "
-    "--validation_fraction=0.1]",
+    "--data_overrides.num_shards=1", "--data_overrides.sources.0.max_docs=60",
+    "--data_overrides.tokenizer.vocab_size=512", "--data_overrides.pack.seq_len=64",
+    "--data_overrides.validation_fraction=0.1",
     "--pretrain_overrides={max_steps: 12, warmup_steps: 2, save_steps: 6, logging_steps: 2, eval_strategy: 'no', "
     "model_overrides: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, max_position_embeddings: 256}}",
@@ -81,5 +82,5 @@ def test_quickstart_config_mistake_is_one_line(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert recipe_error(result.stderr) == ("error: eval_windw: unknown key (see the recipe's dataclasses and "
-                                           "transformers.TrainingArguments)")
+    assert recipe_error(result.stderr) == ("error: eval_windw: unknown key (did you mean 'eval_window'? --help lists "
+                                           "every key)")

@@ -8,17 +8,11 @@ import pytest
 from huggingface_hub import ModelCard
 from matplotlib.image import imread
 
+from evaluation.perplexity import perplexity
 from modeling import sizing
-from modeling.run_report import (
-    FIGURE_DPI,
-    FIGURE_SIZE_INCHES,
-    PLOTS,
-    perplexity,
-    run_statistics,
-    write_model_card,
-    write_run_report,
-)
 from tests.conftest import tiny_config
+from training.model_card import write_model_card
+from training.run_report import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, run_statistics, write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = {plot.file for plot in PLOTS}

@@ -19,16 +19,9 @@ from data_prep.config import PackConfig, TokenizerConfig
 from data_prep.packing import pack_documents
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import train_tokenizer
-from modeling.training import (
-    NonFiniteGuardCallback,
-    PretrainingTrainer,
-    ThroughputCallback,
-    collate_packed,
-    decay_parameter_groups,
-    device_peak_flops,
-    lr_scheduler_kwargs,
-    peak_memory_gb,
-)
+from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops, peak_memory_gb
+from training.optim import decay_parameter_names, lr_scheduler_kwargs
+from training.trainer import PretrainingTrainer, collate_packed
 
 VOCAB = 320
 SEQ_LEN = 32
@@ -62,16 +55,24 @@ DECAYED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.w
                     "experts.gate_up_proj", "experts.down_proj")
 
 
+def trainer_param_groups(model, tmp_path: Path, weight_decay: float = 0.1) -> list[dict]:
+    """The parameter groups of the AdamW that `PretrainingTrainer` builds for `model`."""
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=weight_decay, use_cpu=True, report_to=[])
+    return PretrainingTrainer(model=model, args=args).create_optimizer().param_groups
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # untied, RMSNorm, RoPE
     dict(tie_word_embeddings=True, norm_type="layernorm", position_embedding_type="learned",
          attention_bias=True, mlp_bias=True, mlp_type="gelu"),
     dict(tie_word_embeddings=True, num_local_experts=4, num_experts_per_tok=2),
 ], ids=["untied-rmsnorm", "tied-layernorm-learned-biases", "moe"])
-def test_decay_groups_split_every_trainable_parameter_once(overrides):
+def test_decay_groups_split_every_trainable_parameter_once(overrides, tmp_path):
     model = small_model(**overrides)
     model.model.layers[1].input_layernorm.weight.requires_grad_(False)  # frozen: in neither group
-    decay, no_decay = decay_parameter_groups(model, weight_decay=0.1)
+    decay, no_decay = trainer_param_groups(model, tmp_path)
+    assert set(decay_parameter_names(model)) == {name for name, p in model.named_parameters()
+                                                  if any(p is q for q in decay["params"])}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
 
     grouped = [id(p) for p in decay["params"] + no_decay["params"]]
@@ -100,10 +101,11 @@ def test_trainer_builds_adamw_with_the_decay_split_and_args_hyperparameters(tmp_
     optimizer = PretrainingTrainer(model=model, args=args).create_optimizer()
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (0.8, 0.95)
     assert optimizer.defaults["eps"] == 1e-6
-    expected = decay_parameter_groups(model, 0.1)
+    decayed = set(decay_parameter_names(model))
+    expected = [[id(p) for n, p in model.named_parameters() if p.requires_grad and (n in decayed) == wanted]
+                for wanted in (True, False)]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == [
-        [id(p) for p in g["params"]] for g in expected]
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == expected
 
 
 @pytest.mark.parametrize("implementation", [dict(foreach=False), dict(foreach=True), dict(fused=True)])

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from .run_report import _duration, _number, _table, available_cores, cpu_model_name
+from training.markdown import fmt_duration, fmt_number, md_table
+from training.run_report import available_cores, cpu_model_name
 
 STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
                 "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation"}
@@ -59,7 +60,8 @@ def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
 
 
 def _rows(numbers: dict[str, Any], keys: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
-    return [(label, "-" if numbers.get(key) is None else _number(numbers.get(key), spec)) for key, label, spec in keys]
+    return [(label, "-" if numbers.get(key) is None else fmt_number(numbers.get(key), spec))
+            for key, label, spec in keys]
 
 
 def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *, pretrain_dir: str | Path,
@@ -70,21 +72,21 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
     stage_seconds = {name: results[name].get("seconds") for name in STAGE_TITLES if name in results}
     lines = ["# Ember quickstart report", "",
              f"Machine: {_machine()}. Stage times below are those of the run that produced each stage "
-             f"(a re-run skips finished stages); this invocation took {_duration(wall_seconds)}.", ""]
-    lines += _table(("stage", "time"), [(STAGE_TITLES[name], _duration(seconds) if seconds is not None else "-")
+             f"(a re-run skips finished stages); this invocation took {fmt_duration(wall_seconds)}.", ""]
+    lines += md_table(("stage", "time"), [(STAGE_TITLES[name], fmt_duration(seconds) if seconds is not None else "-")
                                         for name, seconds in stage_seconds.items()])
     total = sum(s for s in stage_seconds.values() if s is not None)
-    lines += [f"| **all stages** | **{_duration(total)}** |", ""]
+    lines += [f"| **all stages** | **{fmt_duration(total)}** |", ""]
 
     lines += ["## Data", ""]
-    lines += _table(("", "value"), _rows(numbers, [
+    lines += md_table(("", "value"), _rows(numbers, [
         ("documents_read", "documents read (the interpreter's standard library)", ",d"),
         ("documents_kept", "after cleaning, filters and dedup", ",d"),
         ("validation_documents", "held out for validation", ",d"),
         ("train_tokens", "training tokens", ",d"),
         ("tokenizer_bytes_per_token", "tokenizer: bytes per token on held-out text", ".2f")]))
     lines += ["", "## Pretraining", ""]
-    lines += _table(("", "value"), _rows(numbers, [
+    lines += md_table(("", "value"), _rows(numbers, [
         ("pretrain_steps", "optimizer steps", ",d"), ("pretrain_first_loss", "first logged training loss", ".3f"),
         ("pretrain_last_loss", "last logged training loss", ".3f"),
         ("pretrain_seconds", "training time (s)", ".0f")]))
@@ -98,13 +100,13 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
               "Bits per byte = summed next-token loss / (ln 2 x UTF-8 bytes of the text): independent of the "
               "tokenizer, so it compares with any other model on the same text.", ""]
     held_out = results.get("perplexity", {})
-    lines += _table(("model", "bits/byte", "perplexity", "tokens scored", "documents"), [
-        (name, _number(r.get("bits_per_byte"), ".3f"), _number(r.get("perplexity"), ",.1f"),
-         _number(r.get("num_tokens"), ",d"), _number(r.get("num_documents"), ",d"))
+    lines += md_table(("model", "bits/byte", "perplexity", "tokens scored", "documents"), [
+        (name, fmt_number(r.get("bits_per_byte"), ".3f"), fmt_number(r.get("perplexity"), ",.1f"),
+         fmt_number(r.get("num_tokens"), ",d"), fmt_number(r.get("num_documents"), ",d"))
         for name, r in (("untrained (same architecture)", held_out.get("untrained", {})),
                         ("pretrained", held_out.get("pretrained", {})))])
     lines += ["", "## LoRA finetuning (docstring -> function)", ""]
-    lines += _table(("", "value"), _rows(numbers, [
+    lines += md_table(("", "value"), _rows(numbers, [
         ("instruction_examples_train", "training examples", ",d"),
         ("instruction_examples_validation", "validation examples", ",d"),
         ("lora_trainable_parameters", "trainable (adapter) parameters", ",d"),

@@ -1,0 +1,123 @@
+"""Recipe arguments of pretraining and finetuning: dataclasses read by the one parser (`cli.parse_args`).
+
+    python recipes/pretrain.py --config recipes/configs/pretrain_nano_cpu.yaml --learning_rate=1e-3 --max_steps=50
+
+A recipe YAML is flat: the keys of its dataclasses and of `transformers.TrainingArguments` side by side, as
+`HfArgumentParser` expects; comments group them. `parse_training_args` adds what is particular to training:
+TrainingArguments fields transformers renamed take either spelling (`RENAMED_TRAINING_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainingArguments
+
+from cli import parse_args
+
+# TrainingArguments fields that transformers renamed in 5.23, under their new name -> the old name (5.22 and older,
+# down to the oldest Ember supports). Recipes and code use the new names; they work on either.
+RENAMED_TRAINING_FIELDS = {"activation_checkpointing": "gradient_checkpointing"}
+
+
+def renamed_for_installed_transformers(known: set[str] | None = None) -> dict[str, str]:
+    """new name -> old name for the renamed fields the installed TrainingArguments knows only by the old name."""
+    known = known if known is not None else {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {new: old for new, old in RENAMED_TRAINING_FIELDS.items() if new not in known and old in known}
+
+
+def for_installed_transformers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """TrainingArguments keyword arguments with each renamed field under the installed transformers' spelling."""
+    renamed = renamed_for_installed_transformers()
+    return {renamed.get(key, key): value for key, value in values.items()}
+
+
+def training_setting(args: TrainingArguments, name: str) -> Any:
+    """`args.<name>` under the installed transformers' spelling of `name`."""
+    return getattr(args, name) if hasattr(args, name) else getattr(args, RENAMED_TRAINING_FIELDS[name])
+
+
+def parse_training_args(schemas: Sequence[type], argv: Sequence[str] | None = None, *,
+                        config: str | Path | Mapping[str, Any] | None = None,
+                        overrides: Mapping[str, Any] | None = None, path_keys: Sequence[str] = (),
+                        prog: str = "", description: str = "") -> tuple[Any, ...]:
+    """`cli.parse_args` for a training recipe: `schemas` end with `TrainingArguments`."""
+    return parse_args(schemas, argv, prog=prog, description=description, config=config, overrides=overrides,
+                      path_keys=path_keys, renamed=renamed_for_installed_transformers())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretraining (recipes/pretrain.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="nano", metadata={"help": "EmberConfig preset (nano, 125m, 350m, 1b, 7b, ...)"})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this checkpoint"})
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(default="", metadata={"help": "output_dir of a data_prep run (tokenizer/, tokens/)"})
+    position_ids: bool = field(default=True, metadata={"help": "per-document positions: no attention across EOS"})
+    streaming: bool = field(default=False, metadata={"help": "tokenize and pack documents on the fly"})
+    stream_source: str = field(default="", metadata={
+        "help": "streaming: documents folder/file or Hub dataset name; default <data_dir>/documents/train"})
+    text_field: str = "text"
+    seq_len: int = field(default=0, metadata={"help": "streaming: block length; 0 = the data_prep run's pack.seq_len"})
+
+
+@dataclass
+class PretrainingArguments:
+    max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
+    min_lr_ratio: float = 0.1
+    max_consecutive_nonfinite: int = field(default=5, metadata={
+        "help": "stop after this many optimizer steps in a row with NaN/inf gradients (each one is skipped)"})
+    peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
+    expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
+
+
+PRETRAIN_PATH_KEYS = ("data_dir", "output_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA / QLoRA finetuning (recipes/finetune_lora.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseModelArguments:
+    model_name_or_path: str = field(default="", metadata={"help": "checkpoint folder with weights and tokenizer"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: base in 4-bit NF4 (bitsandbytes)"})
+    dtype: str = field(default="auto", metadata={"help": "dtype of the unquantized base: auto (as saved), "
+                                                          "float32, bfloat16"})
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Linear layer names; default q/k/v/o_proj and gate/up/down_proj"})
+    lora_target_experts: bool = field(default=True, metadata={"help": "MoE: adapt the experts' 3D weights too"})
+    merge: bool = field(default=True, metadata={"help": "also save the merged model to output_dir/merged"})
+
+
+@dataclass
+class InstructionDataArguments:
+    train_file: str = field(default="", metadata={"help": "jsonl of {prompt, response} or {messages} records"})
+    validation_file: str | None = field(default=None, metadata={"help": "for the before/after response loss"})
+    max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut"})
+
+
+FINETUNE_PATH_KEYS = ("model_name_or_path", "train_file", "validation_file", "output_dir", "logging_dir")

@@ -1,0 +1,100 @@
+"""The pieces of a pretraining run that `recipes/pretrain.py` wires together: the model, the streamed training
+data, and the reports written at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, TrainingArguments
+
+from cli import ConfigError
+from data_prep.documents import open_document_stream
+from data_prep.pipeline import packing_settings
+from data_prep.token_dataset import StreamingPackedDataset
+from modeling import EmberConfig, EmberForCausalLM, sizing
+from modeling.loading import load_model
+from training.arguments import (
+    DataArguments,
+    ModelArguments,
+    PretrainingArguments,
+    training_setting,
+)
+from training.model_card import write_model_card
+from training.run_report import write_run_report
+from training.trainer import PretrainingTrainer
+
+# TrainingArguments shown in the run report next to the recipe's own keys.
+REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_steps", "max_grad_norm",
+                          "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
+
+
+def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberForCausalLM:
+    """A fresh model from a preset (and overrides), or the checkpoint to continue from, checked against the data."""
+    special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if model_args.model_name_or_path:
+        model = load_model(model_args.model_name_or_path, attn_implementation=model_args.attn_implementation)
+        if not isinstance(model, EmberForCausalLM):
+            raise ConfigError(f"model_name_or_path: {type(model).__name__} is not an Ember model (convert it with "
+                              "python -m modeling.convert from-hf)")
+        if model.config.vocab_size != len(tokenizer):
+            raise ConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} does not match the "
+                              f"tokenizer's {len(tokenizer)} tokens")
+    else:
+        overrides = {**special, **model_args.model_overrides}
+        overrides.setdefault("max_position_embeddings", seq_len)
+        config = EmberConfig.from_preset(model_args.preset, **overrides)
+        if config.vocab_size != len(tokenizer):
+            raise ConfigError(f"model_overrides.vocab_size: {config.vocab_size} does not match the "
+                              f"tokenizer's {len(tokenizer)} tokens")
+        model = EmberForCausalLM._from_config(config, attn_implementation=model_args.attn_implementation)
+    if model.config.max_position_embeddings < seq_len:
+        raise ConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
+                          f"the shards' seq_len {seq_len}")
+    model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
+    return model
+
+
+def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingArguments) -> StreamingPackedDataset:
+    """This rank's share of the documents, packed on the fly the way the data_prep run packed its shards."""
+    pack = packing_settings(data_args.data_dir)
+    if data_args.seq_len:
+        pack.seq_len = data_args.seq_len
+    documents = open_document_stream(data_args.stream_source or Path(data_args.data_dir) / "documents" / "train",
+                                     text_field=data_args.text_field, rank=args.process_index,
+                                     world_size=args.world_size)
+    return StreamingPackedDataset(documents, tokenizer, pack, return_position_ids=data_args.position_ids)
+
+
+def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_args: DataArguments,
+                  run_args: PretrainingArguments, seq_len: int, tokens_per_step: int, peak: float | None,
+                  metrics: dict) -> None:
+    """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
+    args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
+    strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
+    checkpointing = training_setting(args, "activation_checkpointing")
+    memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
+                                   checkpointing, param_bytes=2 if args.bf16 else 4,
+                                   flash_attention=model_args.attn_implementation != "eager")
+    planned = tokens_per_step * args.max_steps
+    recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(run_args),
+              **{key: getattr(args, key) for key in REPORTED_TRAINING_KEYS}}
+    write_run_report(output_dir, trainer.state.log_history, {
+        "config": recipe, "tokens_per_step": tokens_per_step, "estimated_memory_gb": memory["total"] / 2**30,
+        "estimated_seconds": (sizing.training_time(config, planned, args.world_size, peak, run_args.expected_mfu,
+                                                   seq_len) if peak else None)})
+    steps = trainer.state.global_step
+    write_model_card(output_dir, model_name=output_dir.name, config=config, datasets=[Path(data_args.data_dir).name],
+                     metrics=metrics, repo_id=args.hub_model_id, training={
+                         "tokens": tokens_per_step * steps, "steps": steps, "tokens_per_step": tokens_per_step,
+                         "seq_len": seq_len, "global_batch_size": tokens_per_step // seq_len,
+                         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                         "lr_schedule": f"{run_args.schedule}, {args.warmup_steps} warmup steps, "
+                                        f"min {run_args.min_lr_ratio} x peak",
+                         "precision": "bf16" if args.bf16 else "fp32", "world_size": args.world_size,
+                         "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                         "wall_seconds": metrics.get("train_runtime")})
