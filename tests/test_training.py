@@ -19,7 +19,13 @@ from data_prep.config import PackConfig, TokenizerConfig
 from data_prep.packing import pack_documents
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import train_tokenizer
-from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops, peak_memory_gb
+from training.callbacks import (
+    NonFiniteGuardCallback,
+    ThroughputCallback,
+    device_peak_flops,
+    format_log,
+    peak_memory_gb,
+)
 from training.optim import decay_parameter_names, lr_scheduler_kwargs
 from training.trainer import PretrainingTrainer, collate_packed
 
@@ -267,9 +273,9 @@ def train(output_dir, dataset, *, max_steps, batch_size=2, accumulation=1, train
     model.config.use_cache = False
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, logging_steps=1,
-        use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
-        **{"save_strategy": "no", "report_to": [], **overrides},
+        gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, use_cpu=True, seed=0,
+        remove_unused_columns=False,
+        **{"logging_steps": 1, "disable_tqdm": True, "save_strategy": "no", "report_to": [], **overrides},
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate_packed,
                           callbacks=list(callbacks))
@@ -474,3 +480,20 @@ def test_monitoring_metrics_reach_tensorboard_and_trackio(tmp_path, dataset, mon
     steps = [entry for entry in logged if "train/loss" in entry]
     assert len(steps) == 3 and all("train/skipped_steps" in entry for entry in steps)
     assert all("train/tokens_per_s" in entry and "train/mfu" in entry for entry in steps[1:])
+
+
+def test_training_logs_print_as_lines_of_numbers(tmp_path, dataset, capsys):
+    """Written to a file (not a terminal), each log is one line of numbers, and no progress bar is drawn."""
+    trainer = train(tmp_path, dataset, max_steps=4, logging_steps=2, disable_tqdm=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 2/4 | loss ") and "grad_norm " in lines[0] and "'" not in lines[0]
+    loss = float(lines[0].split("| loss ")[1].split(" |")[0])
+    assert loss == pytest.approx(training_logs(trainer)[2]["loss"], rel=1e-3)
+    assert any(line.startswith("step 4/4 | train_runtime ") for line in lines)
+    assert "it/s]" not in capsys.readouterr().err
+
+
+def test_format_log_numbers():
+    assert format_log({"loss": 7.21634, "tokens_per_s": 12345.6, "epoch": 0.5, "total_flos": 1e12}, 10, 200) == (
+        "step 10/200 | loss 7.216 | tokens_per_s 1.235e+04 | epoch 0.5")
+    assert format_log({"tokens": 20480, "note": "x"}, 3, 0) == "step 3 | tokens 20,480 | note x"

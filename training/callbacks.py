@@ -1,5 +1,7 @@
-"""Trainer callbacks of a pretraining run: throughput/MFU/memory in the logs, and a guard against NaN/inf steps.
+"""Trainer callbacks of a training run: readable log lines, throughput/MFU/memory, a guard against NaN/inf steps.
 
+- `LogLinesCallback`: each log as one line of numbers (`step 10/200 | loss 7.216 | ...`), under a progress bar
+  on a terminal and on its own when the output goes to a file; replaces the Trainer's progress printer.
 - `ThroughputCallback` (+ `device_peak_flops`): tokens/s, TFLOP/s per device, MFU and peak memory.
 - `NonFiniteGuardCallback`: skips optimizer steps whose gradients hold NaN/inf and stops after a run of them.
 
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from modeling.sizing import peak_flops_for_device
@@ -26,6 +28,60 @@ if TYPE_CHECKING:
     from transformers import TrainingArguments
 
 logger = logging.getLogger(__name__)
+
+
+def format_log(logs: dict[str, Any], step: int, max_steps: int) -> str:
+    """One log entry as a line of numbers: `step 10/200 | loss 7.216 | grad_norm 1.23 | learning_rate 0.0003`."""
+    parts = [f"step {step:,}/{max_steps:,}" if max_steps > 0 else f"step {step:,}"]
+    for key, value in logs.items():
+        if key in ("total_flos", "step"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            parts.append(f"{key} {value}")
+        elif isinstance(value, int) or (abs(value) >= 1000 and float(value).is_integer()):
+            parts.append(f"{key} {int(value):,}")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return " | ".join(parts)
+
+
+class LogLinesCallback(ProgressCallback):
+    """The Trainer's progress output, readable: each log is one line of numbers (the stock printer shows a dict
+    of quoted strings), and the progress bar is drawn only on a terminal, where it can redraw in place; written
+    to a file it would be one endless line, and the log lines are the progress there."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.current_step = 0
+        if state.is_world_process_zero and sys.stderr.isatty() and not args.disable_tqdm:
+            super().on_train_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_step_end(args, state, control, **kwargs)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if self.training_bar is not None:
+            super().on_prediction_step(args, state, control, eval_dataloader=eval_dataloader, **kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log(logs, state.global_step, state.max_steps)
+        if self.training_bar is not None:
+            self.training_bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None:
+            super().on_train_end(args, state, control, **kwargs)
+
+
+def use_log_lines(trainer) -> None:
+    """Swap the Trainer's log printer (`ProgressCallback`, or `PrinterCallback` without tqdm) for `LogLinesCallback`."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogLinesCallback)
 
 
 def device_peak_flops(override: float | None = None) -> float | None:

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
 from modeling.loading import adapter_base, load_model
+from training.callbacks import use_log_lines
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -246,8 +247,10 @@ def finetuning_trainer(model: PeftModel, args: TrainingArguments, train_dataset:
                        collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase) -> Trainer:
     """The HF Trainer over the adapter model and the instruction data (loss on response tokens only)."""
     args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
-    return Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                   processing_class=tokenizer)
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                      processing_class=tokenizer)
+    use_log_lines(trainer)
+    return trainer
 
 
 def parameter_counts(model: PeftModel) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from training.callbacks import use_log_lines
 from training.optim import decay_parameter_names
 
 STREAM_STATE_FILE = "stream_state_{rank}.json"
@@ -54,6 +55,7 @@ class PretrainingTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        use_log_lines(self)
         if is_rank_stream(self.train_dataset):
             if self.args.dataloader_num_workers:
                 raise ValueError("dataloader_num_workers: must be 0 for a streaming train dataset (its resume state "
