@@ -1,20 +1,23 @@
 # Ember: `make quickstart` runs the main job, `make test` runs the test suite.
 # Both create .venv on first use. torch is installed as the pinned CPU-capable 2.13.0 build
 # unless the interpreter already has a torch (e.g. a CUDA build on a GPU machine), which is reused.
+# The quickstart installs only what it runs; the tests (and `make install`) everything Ember can use.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,qlora,data,eval,tracking,deepspeed
+QUICKSTART_EXTRAS ?= data
+EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart data test test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data test test-gpu test-min-transformers gpu-prep lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-all
+install-quickstart: $(VENV)/.installed-quickstart
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "reusing the torch already installed for $(PYTHON)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -23,15 +26,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		$(PY) -m pip install --upgrade pip; \
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
+
+$(VENV)/.installed-all: pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
+$(VENV)/.installed-quickstart: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -c constraints.txt -e ".[$(QUICKSTART_EXTRAS)]"
+	@touch $@
+
 # The main job: data prep -> tokenizer -> pretraining -> held-out perplexity -> LoRA -> samples -> report.
-quickstart: install
+quickstart: install-quickstart
 	$(PY) recipes/quickstart.py
 
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
-data: install
+data: install-quickstart
 	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2
 
 test: install
@@ -45,7 +54,7 @@ test-gpu: install
 # 3.12; GPU_PYTHON overrides) into .whl/, and a small data run (half the stdlib corpus) into outputs/gpu_data.
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := datasets dill multiprocess evaluate zstandard bitsandbytes liger-kernel
-gpu-prep: install
+gpu-prep: install-quickstart
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl \

@@ -318,18 +318,29 @@ _GLOBAL_FUNCTIONS = {"dedup": dedup_plan, "tokenizer": train_or_load_tokenizer}
 
 
 def run_step(cfg: PipelineConfig, step: str, shard_indices: list[int] | None = None, workers: int = 1) -> None:
+    start = time.perf_counter()
     if step in _GLOBAL_FUNCTIONS:
         _GLOBAL_FUNCTIONS[step](cfg)
+        _progress(f"{step} done", start)
         return
     indices = list(range(cfg.num_shards)) if shard_indices is None else shard_indices
     function = _SHARD_FUNCTIONS[step]
     if workers <= 1 or len(indices) <= 1:
-        for index in indices:
-            function(cfg, index)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(function, [cfg] * len(indices), indices):
-            pass
+        results = (function(cfg, index) for index in indices)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(function, [cfg] * len(indices), indices)
+    try:
+        for done, _ in enumerate(results, start=1):
+            _progress(f"{step} {done}/{len(indices)} shards", start)
+    finally:
+        if workers > 1 and len(indices) > 1:
+            pool.shutdown()
+
+
+def _progress(what: str, start: float) -> None:
+    """One line per finished unit of work: the progress shown when the output is a file (no bars there)."""
+    print(f"[data_prep] {what} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indices: list[int] | None = None,

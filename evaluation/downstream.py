@@ -47,3 +47,29 @@ def evaluate_downstream(model, tokenizer, tasks: list[str], task_manager, *, num
               device=str(model.device))
     return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
                            log_samples=False)
+
+
+def results_table(results: dict, section: str = "results") -> str:
+    """lm-eval's results (per task, or per group with `section="groups"`) as a Markdown table:
+    task, version, filter, n-shot, metric, direction, value and standard error."""
+    header = ("Tasks", "Version", "Filter", "n-shot", "Metric", "", "Value", "", "Stderr")
+    rows = []
+    for task, metrics in (results.get(section) or {}).items():
+        better = results.get("higher_is_better", {}).get(task, {})
+        for key, value in metrics.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or metric == "alias":
+                continue
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            arrow = {True: "↑", False: "↓"}.get(better.get(metric), "")
+            rows.append((metrics.get("alias", task), str(results.get("versions", {}).get(task, "")), filter_name,
+                         str(results.get("n-shot", {}).get(task, "")), metric, arrow, _number(value),
+                         "±" if isinstance(stderr, (int, float)) else "", _number(stderr)))
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "" if value in (None, "N/A") else str(value)
+    return f"{value:.4f}"

@@ -13,13 +13,14 @@ How rolling log-likelihood tasks relate to `recipes/eval_perplexity.py`: `evalua
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli import ConfigError, parse_args, report_error
-from evaluation.downstream import build_task_manager, evaluate_downstream
+from evaluation.downstream import build_task_manager, evaluate_downstream, results_table
 from modeling.loading import load_checkpoint, torch_dtype
 
 
@@ -43,6 +44,9 @@ PATH_KEYS = ("model", "tokenizer", "include_path.*", "output")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # lm-eval narrates every step at INFO level (task building, request counts, model placement); keep its warnings.
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         (args,) = parse_args((DownstreamArguments,), sys.argv[1:] if argv is None else argv,
                              prog="recipes/eval_downstream.py", description=__doc__.split("\n\n")[0],
@@ -64,11 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as err:
         return report_error(err)
 
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
-    if "groups" in results:
-        print(make_table(results, "groups"))
+    print(results_table(results))
+    if results.get("groups"):
+        print("\n" + results_table(results, "groups"))
     if args.output:
         report = {"model": args.model, "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit,
                   "max_length": args.max_length, **{key: results.get(key) for key in

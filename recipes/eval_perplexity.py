@@ -17,6 +17,7 @@ tokenize differently; perplexity does not.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,14 +42,15 @@ class PerplexityArguments:
     window: int | None = field(default=None, metadata={"help": "model inputs per window (default: context length)"})
     stride: int | None = field(default=None, metadata={"help": "targets scored per window after the first "
                                                                  "(default: window / 2)"})
-    batch_size: int = field(default=1, metadata={"help": "windows per forward pass"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     max_documents: int | None = field(default=None, metadata={"help": "score only the first N documents"})
     concatenate: bool = field(default=False, metadata={
         "help": "score the documents as one EOS-separated stream instead of one by one"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
     dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
     trust_remote_code: bool = field(default=False, metadata={"help": "for checkpoints whose code is not here"})
-    output: str | None = field(default=None, metadata={"help": "write the results as JSON here"})
+    output: str | None = field(default=None, metadata={
+        "help": "where the results go as JSON (default: perplexity_<data name>.json in the model folder)"})
 
 
 PATH_KEYS = ("model", "tokenizer", "data", "output")
@@ -99,11 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, OSError) as err:
         return report_error(err)
     print(format_table(result))
-    if args.output:
-        data = args.data or f"{args.dataset_name}:{args.dataset_config_name or ''}[{args.split}]"
-        result.write_json(args.output, model=args.model, data=data)
-        print(f"wrote {args.output}")
+    data = args.data or f"{args.dataset_name}:{args.dataset_config_name or ''}[{args.split}]"
+    output = Path(args.output) if args.output else Path(args.model) / f"perplexity_{_slug(data)}.json"
+    result.write_json(output, model=args.model, data=data)
+    print(f"wrote {output}")
     return 0
+
+
+def _slug(data: str) -> str:
+    """A file-name part for the data scored: its last path parts (`documents_validation`) or the dataset name."""
+    parts = [part for part in Path(data.split(":")[0]).parts[-2:] if part not in ("/", "..", ".")]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "_".join(parts)).strip("_") or "data"
 
 
 if __name__ == "__main__":

@@ -59,9 +59,14 @@ def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None
 def load_inputs(model_args: BaseModelArguments, lora_args: LoraArguments, data_args: InstructionDataArguments):
     """Tokenizer, datasets and the LoRA-wrapped model; every problem is a one-line ValueError."""
     if not model_args.model_name_or_path or not Path(model_args.model_name_or_path).is_dir():
-        raise ConfigError(f"model_name_or_path: checkpoint folder not found: {model_args.model_name_or_path!r}")
-    if not data_args.train_file:
-        raise ConfigError("train_file: required (python -m data_prep.instructions writes one)")
+        raise ConfigError(f"model_name_or_path: checkpoint folder not found: {model_args.model_name_or_path!r}; "
+                          "pretrain one with python recipes/pretrain.py --config "
+                          "recipes/configs/pretrain_nano_cpu.yaml, or use the quickstart's outputs/quickstart/pretrain")
+    for key in ("train_file", "validation_file"):
+        path = getattr(data_args, key)
+        if (key == "train_file" or path) and not Path(path or "").is_file():
+            raise ConfigError(f"{key}: instruction file not found: {path!r}; write one with python -m data_prep."
+                              "instructions --data_dir=outputs/data/stdlib --output=outputs/instructions/stdlib")
     dtype = torch_dtype(model_args.dtype)
     tokenizer = checkpoint_tokenizer(model_args.model_name_or_path)
     train = InstructionDataset(data_args.train_file, tokenizer, data_args.max_length)
@@ -120,6 +125,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["eval_after"] = evaluate("after")
     trainer.save_model(args.output_dir)  # the adapter and the tokenizer
+    trainer.save_state()  # trainer_state.json: the loss curve
 
     if trainer.is_world_process_zero():
         output_dir = Path(args.output_dir)

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import transformers
-from huggingface_hub import upload_folder
 from transformers import SchedulerType, TrainingArguments, set_seed
 
 from cli import ConfigError, report_error
@@ -35,7 +34,8 @@ from training.arguments import (
     parse_training_args,
 )
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import latest_complete_checkpoint
+from training.checkpoints import latest_complete_checkpoint, saved_step
+from training.hub import push
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
 from training.trainer import PretrainingTrainer, collate_packed
@@ -57,6 +57,10 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         model_args, data_args, run_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
                                                       config=config, overrides=overrides)
         data_dir = Path(data_args.data_dir)
+        if not (data_dir / "tokenizer").is_dir():
+            raise ConfigError(f"data_dir: {data_dir} holds no data_prep run (no tokenizer/); make one with `make data` "
+                              "(python -m data_prep run --config recipes/configs/data/stdlib.yaml), or point "
+                              "--data_dir at one, e.g. the quickstart's outputs/quickstart/data")
         tokenizer = load_tokenizer(data_dir / "tokenizer")
         fingerprint = tokenizer_fingerprint(tokenizer)
         if data_args.streaming:
@@ -71,6 +75,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             validation = None
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len)
+        tokenizer.model_max_length = model.config.max_position_embeddings  # saved with the model: its context
         tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
                            * train.seq_len)
         if run_args.max_tokens:
@@ -85,6 +90,8 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if args.eval_strategy != "no" and validation is None:
         args.eval_strategy = "no"
     args.remove_unused_columns = False  # shift_labels and position_ids are not forward() argument names
+    if args.ddp_find_unused_parameters is None:  # only MoE layers can leave parameters (experts) without gradient
+        args.ddp_find_unused_parameters = bool(model.config.is_moe)
 
     flops = sizing.flops_per_token(model.config, train.seq_len)
     peak = device_peak_flops(run_args.peak_flops)
@@ -103,6 +110,10 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     resume = args.resume_from_checkpoint
     if resume == "auto":
         resume = latest_complete_checkpoint(args.output_dir)  # a kill mid-save leaves an incomplete one
+        if resume is None and trainer.is_world_process_zero():
+            print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
+    if resume and trainer.is_world_process_zero():
+        print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     if guard.stop_reason:
         return report_error(guard.stop_reason, status=1)
@@ -127,8 +138,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
-                          commit_message="Ember pretraining: final model", ignore_patterns=["checkpoint-*"])
+            push(args.output_dir, trainer.hub_model_id, args.hub_revision or "main", "Ember pretraining: final model")
     return 0
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,14 +32,17 @@ import transformers
 from cli import ConfigError, dotted_items, parse_args, report_error
 from data_prep.config import load_config
 from data_prep.instructions import build_instruction_set
-from data_prep.io import atomic_write_text
 from data_prep.pipeline import run_pipeline
 from evaluation.generation import generate, load_for_generation
 from evaluation.perplexity import evaluate_path
+from modeling import EmberConfig
 from modeling.loading import load_checkpoint
 from recipes import finetune_lora as finetune_recipe
 from recipes import pretrain as pretrain_recipe
+from training.pretraining import SETTINGS_FILE
 from training.quickstart_report import write_quickstart_report
+from training.run_report import REPORT_DIR
+from training.stages import Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
@@ -65,30 +68,8 @@ class QuickstartArguments:
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_k: int = 40
-
-
-class Stages:
-    """Runs stages in order; a finished stage's result is read back instead of running it again."""
-
-    def __init__(self, folder: Path, force: bool):
-        self.folder, self.force = folder, force
-        self.results: dict[str, dict] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def run(self, name: str, title: str, work: Callable[[], dict]) -> dict:
-        marker = self.folder / f"{name}.json"
-        number = len(self.results) + 1
-        if marker.is_file() and not self.force:
-            result = json.loads(marker.read_text())
-            print(f"\n=== [{number}/7] {title}: done in an earlier run ({result['seconds']:.0f} s), skipped ===")
-        else:
-            print(f"\n=== [{number}/7] {title} ===", flush=True)
-            start = time.perf_counter()
-            result = {**work(), "seconds": time.perf_counter() - start}
-            atomic_write_text(marker, json.dumps(result, indent=2) + "\n")
-            print(f"=== {title}: {result['seconds']:.0f} s ===", flush=True)
-        self.results[name] = result
-        return result
+    eta_reference: dict = field(default_factory=dict, metadata={
+        "help": "a measured run the plan's estimates scale from: {probe_step_seconds, pretrain_steps, seconds}"})
 
 
 def held_out_bits_per_byte(model, tokenizer, data_dir: Path, args: QuickstartArguments) -> dict:
@@ -111,6 +92,31 @@ def sample(model_dir: Path, prompts: list[str], args: QuickstartArguments, chat:
     return samples
 
 
+def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
+    """Print what each stage will do and, from a probe of this machine's speed, how long it should take; returns
+    the probe's seconds per pretraining step."""
+    data = load_config(args.data_config, {**dotted_items(args.data_overrides), "output_dir": str(data_dir)})
+    model_args, _, _, train_args = pretrain_recipe.parse(config=args.pretrain_config, overrides={
+        **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(data_dir)})
+    config = EmberConfig.from_preset(model_args.preset, **{
+        "vocab_size": data.tokenizer.vocab_size, "max_position_embeddings": data.pack.seq_len,
+        **model_args.model_overrides})
+    batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+    probe = probe_step_seconds(config, batch, data.pack.seq_len)
+    tokens = train_args.max_steps * batch * data.pack.seq_len
+    print_plan(stages, estimate_seconds(args.eta_reference, probe, train_args.max_steps), probe, {
+        "data": f"{', '.join(source.name for source in data.sources)} -> tokenizer ({data.tokenizer.vocab_size:,}) "
+                f"and blocks of {data.pack.seq_len}",
+        "pretrain": f"{model_args.preset} preset, {train_args.max_steps} steps x {batch * data.pack.seq_len:,} "
+                    f"tokens = {tokens:,} tokens",
+        "perplexity": f"bits per byte on {args.eval_max_documents or 'all'} held-out documents",
+        "instructions": f"up to {args.instruction_max_examples:,} docstring -> function pairs",
+        "finetune": "LoRA on the pretrained model",
+        "generate": f"{len(args.prompts)} completions, {len(args.chat_prompts)} chat answers",
+        "report": f"{Path(args.output_dir) / 'report.md'}"})
+    return probe
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -125,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
     stages = Stages(out / "stages", args.force)
     started = time.perf_counter()
+    probe = plan(args, stages, data_dir)
 
     def data() -> dict:
         overrides = {**dotted_items(args.data_overrides), "output_dir": str(data_dir)}
@@ -139,8 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(code)
         state = json.loads((pretrain_dir / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        settings = pretrain_dir / REPORT_DIR / SETTINGS_FILE
         return {"metrics": json.loads((pretrain_dir / "all_results.json").read_text()), "steps": state["global_step"],
-                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None}
+                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+                "config": json.loads(settings.read_text()) if settings.is_file() else {}}
 
     def perplexity() -> dict:
         model, tokenizer = load_checkpoint(pretrain_dir, device="cpu")
@@ -159,21 +168,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             "validation_file": str(instructions_dir / "validation.jsonl"), "output_dir": str(finetune_dir)})
         if code != 0:
             raise SystemExit(code)
-        return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text())}
+        return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text()),
+                "output_dir": str(finetune_dir)}
 
     def samples() -> dict:
         return {"pretrained": sample(pretrain_dir, args.prompts, args, chat=False),
                 "finetuned": sample(finetune_dir / "merged", args.chat_prompts, args, chat=True)}
 
-    stages.run("data", "data preparation", data)
-    stages.run("pretrain", "pretraining", pretrain)
-    stages.run("perplexity", "held-out perplexity", perplexity)
-    stages.run("instructions", "instruction set", instructions)
-    stages.run("finetune", "LoRA finetuning", finetune)
-    stages.run("generate", "generation", samples)
-    report = stages.run("report", "report", lambda: {"path": str(write_quickstart_report(
-        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started))})
-    print(f"\nReport: {report['path']}")
+    stages.run("data", data)
+    stages.run("pretrain", pretrain)
+    stages.run("perplexity", perplexity)
+    stages.run("instructions", instructions)
+    stages.run("finetune", finetune)
+    stages.run("generate", samples)
+    report = stages.run("report", lambda: {"path": str(write_quickstart_report(
+        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
+        probe_step_seconds=probe))})
+    print_summary(stages.results, time.perf_counter() - started)
+    print(f"\nReport: {report['path']}\nNumbers: {out / 'results.json'}", flush=True)
     return 0
 
 

@@ -196,6 +196,7 @@ ENTRY_POINTS = [
     ["recipes/pretrain.py"], ["recipes/finetune_lora.py"], ["recipes/quickstart.py"], ["recipes/eval_perplexity.py"],
     ["recipes/eval_downstream.py"], ["recipes/generate.py"], ["-m", "data_prep", "run"],
     ["-m", "data_prep.instructions"], ["-m", "modeling.sizing"], ["-m", "modeling.convert", "to-hf"],
+    ["-m", "training.hub"],
 ]
 
 

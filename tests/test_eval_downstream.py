@@ -50,8 +50,14 @@ def test_local_tasks_run_offline_and_rolling_bpb_matches_perplexity_eval(checkpo
     assert ours.window == model.config.max_position_embeddings == 256
     assert text["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-4)
     assert text["byte_perplexity,none"] == pytest.approx(2 ** ours.bits_per_byte, rel=1e-4)
-    printed = capsys.readouterr().out
-    assert "ember_python_mc" in printed and "bits_per_byte" in printed and "acc" in printed
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()
+    assert table[0] == "| Tasks | Version | Filter | n-shot | Metric |  | Value |  | Stderr |"
+    version, shots = report["versions"]["ember_python_mc"], report["n-shot"]["ember_python_mc"]
+    assert (f"| ember_python_mc | {version} | none | {shots} | acc | ↑ | {mc['acc,none']:.4f} | ± | "
+            f"{mc['acc_stderr,none']:.4f} |") in table
+    assert any(line.startswith("| ember_python_text |") and "| bits_per_byte | ↓ |" in line for line in table)
+    assert "INFO" not in captured.out + captured.err
 
 
 def test_limit_and_max_length(checkpoint, tmp_path):

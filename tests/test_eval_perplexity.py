@@ -263,6 +263,13 @@ def test_cli_on_ember_and_llama_checkpoints(model, tokenizer, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "perplexity" in table and "bits / byte" in table and f"{expected.num_tokens:,}" in table
 
+    # Without --output the result goes next to the model, named after the data; batched by default.
+    assert recipe.main([f"--model={ember_dir}", f"--data={data}", "--text_field=content", "--window=16",
+                        "--stride=4", "--device=cpu"]) == 0
+    written = json.loads((ember_dir / f"perplexity_{tmp_path.name}_texts.jsonl.json").read_text())
+    assert written["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=RTOL)
+    assert recipe.PerplexityArguments.__dataclass_fields__["batch_size"].default > 1
+
 
 def test_cli_errors_are_one_line(model, tokenizer, tmp_path, capsys):
     checkpoint = tmp_path / "ckpt"

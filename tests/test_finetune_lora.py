@@ -314,6 +314,9 @@ def test_recipe_config_errors_are_one_line(base_dir, train_file, tmp_path, capsy
         (["--lora_rank=4"], "error: lora_rank: unknown key"),
         ([f"--model_name_or_path={tmp_path / 'missing'}"], "error: model_name_or_path: checkpoint folder not found"),
         ([f"--train_file={bad_line}"], f"error: {bad_line}:2: expected a 'messages' list, or 'prompt' and 'response'"),
+        ([f"--train_file={tmp_path / 'none.jsonl'}"], "error: train_file: instruction file not found: "
+                                                       f"'{tmp_path / 'none.jsonl'}'; write one with python -m "
+                                                       "data_prep.instructions"),
         (["--lora_target_modules=[q_proj, fused_qkv]"], "error: lora_target_modules: 'fused_qkv' names no Linear"),
         (["--max_length=4096"], "error: max_length: 4096 exceeds the model's max_position_embeddings 256"),
         (["--lora_r=2.5"], "error: lora_r: expected an integer, got '2.5'"),

@@ -69,7 +69,7 @@ LOAD_AND_GENERATE = textwrap.dedent("""
     import importlib.abc, json, sys
     class BlockEmber(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling", "data_prep"):
+            if name.split(".")[0] in ("modeling", "data_prep", "training", "evaluation", "cli", "recipes"):
                 raise ImportError(f"{name} must not be importable here")
     sys.meta_path.insert(0, BlockEmber())
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,17 +77,21 @@ LOAD_AND_GENERATE = textwrap.dedent("""
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)  # reads config.json's auto_map
     ids = tokenizer("def main():", return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    print(json.dumps({"new_tokens": out.shape[1] - ids.shape[1], "text": tokenizer.decode(out[0])}))
+    print(json.dumps({"new_tokens": out.shape[1] - ids.shape[1], "text": tokenizer.decode(out[0]),
+                      "model_max_length": tokenizer.model_max_length,
+                      "context": model.config.max_position_embeddings}))
 """)
 
 
 def test_output_loads_and_generates_in_a_fresh_process_without_ember(trained, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", LOAD_AND_GENERATE, str(trained)], capture_output=True, text=True,
-                            cwd=tmp_path, env=env, timeout=300)
+                            cwd=tmp_path, env=env, timeout=300, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["new_tokens"] > 0 and report["text"].startswith("def main():")
+    assert report["model_max_length"] == report["context"] == 64  # the tokenizer knows the model's context
+    assert "custom code" not in result.stderr and "model of type" not in result.stderr  # no prompt, no warning
 
 
 def test_config_mistakes_are_one_line_errors(data_dir, tmp_path):
@@ -100,7 +104,10 @@ def test_config_mistakes_are_one_line_errors(data_dir, tmp_path):
     assert recipe_error(result.stderr) == (
         "error: model_overrides.vocab_size: 1000 does not match the tokenizer's 512 tokens")
     result = pretrain(f"--data_dir={tmp_path / 'nothing'}", f"--output_dir={tmp_path}")
-    assert result.returncode == 2 and "tokenizer directory not found" in recipe_error(result.stderr)
+    assert result.returncode == 2 and recipe_error(result.stderr) == (
+        f"error: data_dir: {tmp_path / 'nothing'} holds no data_prep run (no tokenizer/); make one with `make data` "
+        "(python -m data_prep run --config recipes/configs/data/stdlib.yaml), or point --data_dir at one, e.g. the "
+        "quickstart's outputs/quickstart/data")
 
 
 def test_two_process_ddp_training_on_cpu(data_dir, tmp_path):

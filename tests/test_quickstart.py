@@ -53,9 +53,27 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     report = (out / "report.md").read_text()
     assert f"{headline['held_out_bpb_pretrained']:.3f}" in report
     assert f"{headline['lora_response_loss_after']:.3f}" in report
+    finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
+    assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained
+    assert f"| examples trained on (pairs with a response token left within max_length) | " \
+           f"{headline['lora_examples_trained']:,} |" in report
+    assert "![LoRA training loss](lora_loss.png)" in report and (out / "lora_loss.png").stat().st_size > 1000
+    assert "| pretrain | learning_rate |" in report and "| finetune | lora_r |" in report
     for plot in (out / "pretrain" / "run_report").glob("*.png"):
         assert f"pretrain/run_report/{plot.name}" in report
-    assert "[7/7] report" in first.stdout
+    # Written to a file, the output still shows the plan, progress in every stage and each stage's numbers.
+    lines = first.stdout.splitlines()
+    assert lines[lines.index(next(line for line in lines if line.startswith("Plan (")))+1].startswith(
+        "  data preparation")
+    for number, title in enumerate(["data preparation", "pretraining", "held-out perplexity", "instruction set",
+                                    "LoRA finetuning", "generation", "report"], start=1):
+        assert f"=== [{number}/7] {title} ===" in lines
+    assert "[data_prep] filter 1/1 shards" in first.stdout and "[data_prep] tokenizer done" in first.stdout
+    assert any(line.startswith("step 2/12 | loss ") for line in lines)  # pretraining logs, as numbers
+    assert any(line.startswith("step 1/3 | loss ") for line in lines)  # LoRA logs
+    bpb = f"{headline['held_out_bpb_untrained']:.3f} (untrained) -> {headline['held_out_bpb_pretrained']:.3f}"
+    assert sum(bpb in line for line in lines) == 2  # after the stage and in the closing summary
+    assert "Summary" in lines and "'loss'" not in first.stdout
 
     again = quickstart(out)
     assert again.stdout.count("done in an earlier run") == len(stages)
@@ -84,3 +102,10 @@ def test_quickstart_config_mistake_is_one_line(tmp_path):
     assert result.returncode == 2
     assert recipe_error(result.stderr) == ("error: eval_windw: unknown key (did you mean 'eval_window'? --help lists "
                                            "every key)")
+
+
+def test_report_fences_any_prompt():
+    from training.quickstart_report import _fenced
+
+    assert _fenced("is `x` even?") == ["```", "is `x` even?", "```"]
+    assert _fenced("a ```python block```") == ["````", "a ```python block```", "````"]

@@ -44,7 +44,8 @@ def make_log_history(with_mfu: bool = True, with_eval: bool = True, steps: int =
 
 
 SUMMARY = {"config": {"preset": "nano", "learning_rate": 2e-3, "schedule": "cosine", "model_overrides": {"a": 1}},
-           "tokens_per_step": 4096, "estimated_seconds": ESTIMATED_SECONDS, "estimated_memory_gb": ESTIMATED_MEMORY_GB}
+           "tokens_per_step": 4096, "estimated_seconds": ESTIMATED_SECONDS, "estimated_memory_gb": ESTIMATED_MEMORY_GB,
+           "device": "cuda"}
 
 
 def assert_real_png(path):
@@ -83,7 +84,7 @@ def test_report_has_every_plot_and_the_numbers(tmp_path):
         "| Tokens seen | 819,200 (from tokens_per_step x steps) |",
         f"| Throughput, median (tokens/s) | {medians['tokens_per_s']:,.0f} |",
         f"| MFU, median | {medians['mfu']:.1%} |",
-        "| Peak memory per process (GiB) | 1.70 |",
+        "| Peak memory per process (GiB; host RSS on CPU) | 1.70 |",
         "| Skipped steps (non-finite gradients) | 2 |",
         f"| {WALL_SECONDS / ESTIMATED_SECONDS:.2f} |",
         f"| {1.7 / ESTIMATED_MEMORY_GB:.2f} |",
@@ -93,6 +94,14 @@ def test_report_has_every_plot_and_the_numbers(tmp_path):
     ):
         assert expected in text, expected
     assert "not plotted" not in text and "Not recorded" not in text
+
+
+def test_on_the_cpu_host_memory_is_not_set_against_the_gpu_estimate(tmp_path):
+    text = write_run_report(tmp_path, make_log_history(), {**SUMMARY, "device": "cpu"}).read_text()
+    assert f"| {1.7 / ESTIMATED_MEMORY_GB:.2f} |" not in text  # no ratio of host RSS to a GPU estimate
+    assert "| Peak memory per device (GiB) |" not in text
+    assert f"the estimate ({ESTIMATED_MEMORY_GB:.2f} GiB per GPU) is for GPU training" in text
+    assert f"| {WALL_SECONDS / ESTIMATED_SECONDS:.2f} |" in text  # the time estimate still applies
 
 
 def test_missing_mfu_and_eval_are_left_out_with_a_note(tmp_path):

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
-def _saved_step(checkpoint: Path) -> int | None:
+def saved_step(checkpoint: Path) -> int | None:
     """The global step recorded in the checkpoint's trainer state; None when the file is missing or cut short."""
     try:
         state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
@@ -54,7 +54,7 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
         if match and entry.is_dir():
             candidates.append((int(match.group(1)), entry))
     for step, checkpoint in sorted(candidates, reverse=True):
-        if _saved_step(checkpoint) == step:
+        if saved_step(checkpoint) == step:
             return str(checkpoint)
         logger.warning("%s is incomplete (no valid %s for step %d): not resuming from it",
                        checkpoint, TRAINER_STATE_NAME, step)

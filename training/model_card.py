@@ -125,11 +125,13 @@ def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets:
         f"on {data}. It is a base model: it continues text, and has not been tuned to follow instructions.", "",
         "## Model", "", *md_table(("", "value"), _architecture_rows(config)), "",
         "## How to use", "",
-        "The folder holds Ember's modeling code, so transformers loads it with `trust_remote_code=True`:", "",
+        "The folder holds Ember's modeling code, so transformers loads it with `trust_remote_code=True` (the "
+        "tokenizer runs no custom code; it takes the flag because `AutoTokenizer` reads the model's `config.json` "
+        "first):", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{location}", trust_remote_code=True)',
         f'model = AutoModelForCausalLM.from_pretrained("{location}", trust_remote_code=True)',
         'inputs = tokenizer("Once upon a time", return_tensors="pt")',
         "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=50)[0]))",

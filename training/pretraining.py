@@ -4,6 +4,7 @@ data, and the reports written at the end."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -22,9 +23,10 @@ from training.arguments import (
     training_setting,
 )
 from training.model_card import write_model_card
-from training.run_report import write_run_report
+from training.run_report import REPORT_DIR, write_run_report
 from training.trainer import PretrainingTrainer
 
+SETTINGS_FILE = "settings.json"  # in run_report/: the settings the report lists, for other reports to read
 # TrainingArguments shown in the run report next to the recipe's own keys.
 REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_steps", "max_grad_norm",
                           "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
@@ -83,8 +85,11 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
     planned = tokens_per_step * args.max_steps
     recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(run_args),
               **{key: getattr(args, key) for key in REPORTED_TRAINING_KEYS}}
+    (output_dir / REPORT_DIR).mkdir(parents=True, exist_ok=True)
+    (output_dir / REPORT_DIR / SETTINGS_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     write_run_report(output_dir, trainer.state.log_history, {
         "config": recipe, "tokens_per_step": tokens_per_step, "estimated_memory_gb": memory["total"] / 2**30,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
         "estimated_seconds": (sizing.training_time(config, planned, args.world_size, peak, run_args.expected_mfu,
                                                    seq_len) if peak else None)})
     steps = trainer.state.global_step

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from training.markdown import fmt_duration, fmt_number, md_table
-from training.run_report import available_cores, cpu_model_name
-
-STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
-                "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation"}
+from training.run_report import available_cores, cpu_model_name, draw_lines
+from training.stages import STAGE_TITLES
 
 
 def _machine() -> str:
@@ -53,6 +52,8 @@ def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
         "held_out_tokens_scored": held_out.get("pretrained", {}).get("num_tokens"),
         "instruction_examples_train": instructions.get("train"),
         "instruction_examples_validation": instructions.get("validation"),
+        "lora_examples_trained": finetune.get("data", {}).get("train", {}).get("examples"),
+        "lora_examples_evaluated": finetune.get("data", {}).get("validation", {}).get("examples"),
         "lora_trainable_parameters": finetune.get("parameters", {}).get("trainable"),
         "lora_response_loss_before": finetune.get("eval_before", {}).get("loss"),
         "lora_response_loss_after": finetune.get("eval_after", {}).get("loss"),
@@ -64,10 +65,43 @@ def _rows(numbers: dict[str, Any], keys: list[tuple[str, str, str]]) -> list[tup
             for key, label, spec in keys]
 
 
+def _fenced(text: str) -> list[str]:
+    """`text` as a fenced code block whose fence is longer than any backtick run in it: valid for any text."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
+
+
+def _lora_curve(output_dir: Path, finetune_dir: Path) -> Path | None:
+    """A plot of the LoRA run's training loss, from the `trainer_state.json` it leaves; None without one."""
+    state_file = finetune_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    logs = [entry for entry in json.loads(state_file.read_text()).get("log_history", []) if "loss" in entry]
+    if not logs:
+        return None
+    path = output_dir / "lora_loss.png"
+    draw_lines(path, "LoRA finetuning loss (response tokens)", "cross-entropy (nats/token)",
+               [("train", [entry["step"] for entry in logs], [entry["loss"] for entry in logs])])
+    return path
+
+
+def _hyperparameters(results: dict[str, dict]) -> list[str]:
+    """The settings of the pretraining and finetuning runs, as recorded in their outputs."""
+    rows = []
+    for stage, source in (("pretrain", results.get("pretrain", {}).get("config", {})),
+                          ("finetune", results.get("finetune", {}).get("metrics", {}).get("config", {}))):
+        rows += [(stage, key, value) for key, value in source.items()]
+    if not rows:
+        return ["Not recorded."]
+    return md_table(("stage", "key", "value"), rows)
+
+
 def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *, pretrain_dir: str | Path,
-                            wall_seconds: float) -> Path:
+                            wall_seconds: float, probe_step_seconds: float | None = None) -> Path:
     """Write report.md and results.json under `output_dir`; returns the report's path."""
     output_dir, pretrain_dir = Path(output_dir), Path(pretrain_dir)
+    finetune_dir = Path(results.get("finetune", {}).get("output_dir", output_dir / "finetune"))
     numbers = headline_numbers(results)
     stage_seconds = {name: results[name].get("seconds") for name in STAGE_TITLES if name in results}
     lines = ["# Ember quickstart report", "",
@@ -107,18 +141,26 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
                         ("pretrained", held_out.get("pretrained", {})))])
     lines += ["", "## LoRA finetuning (docstring -> function)", ""]
     lines += md_table(("", "value"), _rows(numbers, [
-        ("instruction_examples_train", "training examples", ",d"),
-        ("instruction_examples_validation", "validation examples", ",d"),
+        ("instruction_examples_train", "pairs built for training", ",d"),
+        ("lora_examples_trained", "examples trained on (pairs with a response token left within max_length)", ",d"),
+        ("instruction_examples_validation", "pairs built for validation", ",d"),
+        ("lora_examples_evaluated", "validation examples scored", ",d"),
         ("lora_trainable_parameters", "trainable (adapter) parameters", ",d"),
         ("lora_response_loss_before", "validation response loss before", ".3f"),
         ("lora_response_loss_after", "validation response loss after", ".3f")]))
+    curve = _lora_curve(output_dir, finetune_dir)
+    if curve:
+        lines += ["", f"![LoRA training loss]({curve.relative_to(output_dir)})"]
+    lines += ["", "## Hyperparameters", ""]
+    lines += _hyperparameters(results)
     lines += ["", "## Samples", ""]
     for group, title in (("pretrained", "Pretrained model, completion"), ("finetuned", "Finetuned model, chat")):
         for item in results.get("generate", {}).get(group, []):
-            lines += [f"**{title}** - prompt `{item['prompt']}`:", "", "```", item["prompt"] if not item["chat"]
-                      else "", item["text"], "```", ""]
+            lines += [f"**{title}**, prompt:", "", *_fenced(item["prompt"]), "", "output:", "",
+                      *_fenced(item["text"]), ""]
     report = output_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (output_dir / "results.json").write_text(json.dumps({"headline": numbers, "stage_seconds": stage_seconds,
-                                                         "stages": results}, indent=2) + "\n", encoding="utf-8")
+    (output_dir / "results.json").write_text(json.dumps({
+        "headline": numbers, "stage_seconds": stage_seconds, "probe_step_seconds": probe_step_seconds,
+        "stages": results}, indent=2) + "\n", encoding="utf-8")
     return report

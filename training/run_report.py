@@ -47,8 +47,8 @@ def cpu_model_name() -> str:
 
 
 REPORT_DIR = "run_report"
-FIGURE_SIZE_INCHES = (6.0, 3.5)
-FIGURE_DPI = 100  # 600 x 350 pixels: small enough to keep in a model repository
+FIGURE_SIZE_INCHES = (7.0, 4.0)
+FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a model repository
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the Trainer's log_history
@@ -172,25 +172,36 @@ PLOTS = (
 )
 
 
-def _draw(path: Path, plot: _Plot, lines: list[tuple[str, list[int], list[float]]]) -> None:
+def draw_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float]]],
+               tokens_per_step: int | None = None) -> None:
+    """A line plot of (label, steps, values) series. With `tokens_per_step` the x axis counts tokens (what compares
+    across batch sizes) and a second axis on top counts steps; otherwise the x axis is the step."""
     figure = Figure(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
     FigureCanvasAgg(figure)  # attaches the raster canvas that savefig renders with
     axes = figure.add_subplot()
+    scale = tokens_per_step or 1
     for label, steps, values in lines:
         few = len(steps) <= 30  # markers keep sparse series (evaluations, short runs) visible
-        axes.plot(steps, [value * plot.scale for value in values], label=label, linewidth=1.2,
+        axes.plot([step * scale for step in steps], values, label=label, linewidth=1.4,
                   marker="o" if few else None, markersize=3)
-    axes.set_title(plot.title)
-    axes.set_xlabel("step")
-    axes.set_ylabel(plot.ylabel)
+    axes.set_title(title)
+    axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
+    if tokens_per_step:
+        axes.set_xlabel("tokens")
+        axes.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
+        steps_axis = axes.secondary_xaxis("top", functions=(lambda t: t / scale, lambda s: s * scale))
+        steps_axis.set_xlabel("step")
+    else:
+        axes.set_xlabel("step")
     if len(lines) > 1:
         axes.legend()
     figure.tight_layout()  # arranges inside the fixed canvas; the file stays figsize x dpi pixels
     figure.savefig(path, dpi=FIGURE_DPI, format="png")
 
 
-def _write_plots(report_dir: Path, log_history: list[dict]) -> tuple[list[tuple[str, str]], list[str]]:
+def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int | None = None
+                 ) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw every plot whose main metric was logged; returns ([(title, file)], [notes on what was left out]).
 
     A plot's first line is its main metric: without it the plot is omitted. Further lines (the eval loss)
@@ -205,14 +216,14 @@ def _write_plots(report_dir: Path, log_history: list[dict]) -> tuple[list[tuple[
             if non_finite:
                 notes.append(f"{plot.title}: {non_finite} non-finite `{line.key}` value(s) not drawn.")
             if steps:
-                lines.append((line.label, steps, values))
+                lines.append((line.label, steps, [value * plot.scale for value in values]))
             elif line is plot.lines[0]:
                 break
             else:
                 notes.append(f"{plot.title}: no `{line.key}` in the logs, so the {line.label} curve is omitted.")
         path = report_dir / plot.file
         if lines:
-            _draw(path, plot, lines)
+            draw_lines(path, plot.title, plot.ylabel, lines, tokens_per_step)
             written.append((plot.title, plot.file))
         else:
             path.unlink(missing_ok=True)  # a plot left in this folder by an earlier run would mislead
@@ -241,7 +252,8 @@ _SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str], str], ...] = (
     ("median_tflops_per_device", "TFLOP/s per device, median", lambda v: f"{v:.3g}",
      "no `tflops_per_device` in the logs"),
     ("median_mfu", "MFU, median", lambda v: f"{v:.1%}", "no `mfu` in the logs (device peak FLOP/s unknown)"),
-    ("peak_memory_gb", "Peak memory per process (GiB)", lambda v: f"{v:.2f}", "no `peak_memory_gb` in the logs"),
+    ("peak_memory_gb", "Peak memory per process (GiB; host RSS on CPU)", lambda v: f"{v:.2f}",
+     "no `peak_memory_gb` in the logs"),
     ("skipped_steps", "Skipped steps (non-finite gradients)", str, "no `skipped_steps` in the logs"),
     ("non_finite_loss_logs", "Training logs with a non-finite loss", str, ""),
 )
@@ -263,12 +275,18 @@ def _summary_section(stats: dict) -> list[str]:
     return lines
 
 
-def _sizing_section(stats: dict) -> list[str]:
+def _sizing_section(stats: dict, on_gpu: bool) -> list[str]:
     rows, notes = [], []
+    memory = (("Peak memory per device (GiB)", stats["estimated_memory_gb"], stats["peak_memory_gb"],
+               stats["memory_ratio"], lambda v: f"{v:.2f}"),) if on_gpu else ()
+    if not on_gpu and stats["estimated_memory_gb"] is not None:
+        notes.append(f"Memory: the estimate ({stats['estimated_memory_gb']:.2f} GiB per GPU) is for GPU training; "
+                     "this run was on the CPU, whose peak host RSS"
+                     + (f" ({stats['peak_memory_gb']:.2f} GiB)" if stats["peak_memory_gb"] is not None else "")
+                     + " also holds the Python process, libraries and data, so the two are not compared.")
     for label, estimated, measured, ratio, formatter in (
         ("Wall time", stats["estimated_seconds"], stats["wall_seconds"], stats["time_ratio"], fmt_duration),
-        ("Peak memory per device (GiB)", stats["estimated_memory_gb"], stats["peak_memory_gb"],
-         stats["memory_ratio"], lambda v: f"{v:.2f}"),
+        *memory,
     ):
         if estimated is None:
             notes.append(f"{label}: no estimate given.")
@@ -279,8 +297,8 @@ def _sizing_section(stats: dict) -> list[str]:
     if rows:
         lines += md_table(("", "estimated (`modeling.sizing`)", "measured", "measured / estimated"), rows)
         lines += ["", "The time estimate counts training FLOPs only; the measured `train_runtime` also holds "
-                      "evaluations, checkpoints and start-up, and after a resume only the last session. Measured "
-                      "memory is the peak of `torch.cuda.max_memory_allocated` (peak RSS on CPU)."]
+                      "evaluations, checkpoints and start-up, and after a resume only the last session."
+                  + (" Measured memory is the peak of `torch.cuda.max_memory_allocated`." if on_gpu else "")]
     if notes:
         lines += ["", *[f"- {note}" for note in notes]]
     return lines
@@ -294,17 +312,19 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
         config: recipe keys and values, listed as given;
         tokens_seen / tokens_per_step / wall_seconds: used where the logs lack them;
         estimated_seconds: `modeling.sizing.training_time` for the run;
-        estimated_memory_gb: `memory_per_gpu(...)["total"] / 2**30`.
+        estimated_memory_gb: `memory_per_gpu(...)["total"] / 2**30`, compared when `device` is "cuda";
+        device: "cuda" or "cpu".
     A metric missing from the logs leaves out its plot or row, and the report says which and why.
     """
     output_dir = Path(output_dir)
     report_dir = output_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = run_statistics(log_history, summary)
-    plots, plot_notes = _write_plots(report_dir, log_history)
+    plots, plot_notes = _write_plots(report_dir, log_history, summary.get("tokens_per_step"))
 
     lines = [f"# Training report: {summary.get('name') or output_dir.resolve().name}", ""]
-    lines += _summary_section(stats) + [""] + _sizing_section(stats) + ["", "## Plots", ""]
+    lines += _summary_section(stats) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
+    lines += ["", "## Plots", ""]
     for title, file in plots:
         lines += [f"![{title}]({file})", ""]
     if not plots:
