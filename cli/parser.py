@@ -14,7 +14,8 @@ The same rules everywhere:
   both values.
 - Relative paths (the entry point's path keys) resolve against the YAML's folder when they come from the
   YAML, and against the working directory when they are typed on the command line.
-- `--help` lists every key with its type and default.
+- `--help` lists every key with its type and default; `--print_config` prints the settings as they were resolved
+  (YAML, then overrides) and exits, without running anything.
 - A mistake is a `ConfigError` whose message is one line naming the key, e.g.
   `streaming: expected a boolean, got 'maybe'`; `report_error` prints it once, on the main process.
 """
@@ -25,6 +26,7 @@ import dataclasses
 import difflib
 import enum
 import functools
+import json
 import os
 import sys
 import types
@@ -387,14 +389,17 @@ def dotted_items(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
 
 
 def _split_argv(argv: Sequence[str], schemas: Sequence[type], positionals: Sequence[str], space_values: bool,
-                renamed: Mapping[str, str]) -> tuple[str | None, list[tuple[str, Any]], bool]:
-    """(the --config path, [(dotted key, value)], whether --help was asked) of the command-line tokens."""
-    config, pairs, wants_help = None, [], False
+                renamed: Mapping[str, str]) -> tuple[str | None, list[tuple[str, Any]], str | None]:
+    """(the --config path, [(dotted key, value)], "help" or "print_config" when asked) of the command-line tokens."""
+    config, pairs, action = None, [], None
     rest, waiting = list(argv), list(positionals)
     while rest:
         token = rest.pop(0)
         if token in ("-h", "--help"):
-            wants_help = True
+            action = "help"
+            continue
+        if token == "--print_config":
+            action = action or "print_config"
             continue
         if not token.startswith("--"):
             if not waiting:
@@ -426,12 +431,13 @@ def _split_argv(argv: Sequence[str], schemas: Sequence[type], positionals: Seque
             else:
                 raise ConfigError(f"--{key}: overrides are written --key=value")
         pairs.append((key, _Typed(text)))
-    return config, pairs, wants_help
+    return config, pairs, action
 
 
 def help_text(schemas: Sequence[type], prog: str, description: str, positionals: Sequence[str] = ()) -> str:
     """Usage, the description, and every key of every schema with its type, default and help."""
-    usage = f"usage: {prog} " + "".join(f"{p.upper()} " for p in positionals) + "[--config FILE.yaml] [--key=value ...]"
+    usage = (f"usage: {prog} " + "".join(f"{p.upper()} " for p in positionals)
+             + "[--config FILE.yaml] [--key=value ...] [--print_config]")
     lines = [usage, ""]
     if description:
         lines += [description.strip(), ""]
@@ -491,8 +497,8 @@ def parse_args(schemas: Sequence[type], argv: Sequence[str] | None = None, *, pr
     """
     path_keys = tuple(path_keys)
     renamed = dict(renamed or {})
-    config_path, pairs, wants_help = _split_argv(list(argv or []), schemas, positionals, space_values, renamed)
-    if wants_help:
+    config_path, pairs, action = _split_argv(list(argv or []), schemas, positionals, space_values, renamed)
+    if action == "help":
         print(help_text(schemas, prog or Path(sys.argv[0]).name, description, positionals), end="")
         raise SystemExit(0)
     if config_path is not None:
@@ -522,4 +528,19 @@ def parse_args(schemas: Sequence[type], argv: Sequence[str] | None = None, *, pr
     unknown = [key for key in raw if key not in known]
     if unknown:
         raise _unknown(unknown[0], unknown[0], known, list_all=False)
-    return tuple(build(cls, {k: v for k, v in raw.items() if k in fields_of(cls)}) for cls in schemas)
+    built = tuple(build(cls, {k: v for k, v in raw.items() if k in fields_of(cls)}) for cls in schemas)
+    if action == "print_config":
+        if is_main_process():
+            print(settings_yaml(built), end="")
+        raise SystemExit(0)
+    return built
+
+
+def settings_yaml(instances: Sequence[Any]) -> str:
+    """Resolved settings as YAML, one mapping per dataclass instance (`--print_config`)."""
+    documents = []
+    for instance in instances:
+        values = instance.to_dict() if hasattr(instance, "to_dict") else dataclasses.asdict(instance)
+        plain = json.loads(json.dumps(values, default=lambda v: v.value if isinstance(v, enum.Enum) else str(v)))
+        documents.append(f"# {type(instance).__name__}\n" + yaml.safe_dump(plain, sort_keys=False))
+    return "\n".join(documents)
