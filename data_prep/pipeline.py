@@ -384,6 +384,18 @@ def packing_settings(data_dir: str | Path) -> PackConfig:
     return load_config(saved).pack if saved.is_file() else PackConfig()
 
 
+def split_bytes_per_token(data_dir: str | Path, split: str = "validation") -> float | None:
+    """UTF-8 bytes per token of a finished run's packed `split` (from its report.json), which turns a loss in nats
+    per token into bits per byte; None when the run has no such report."""
+    try:
+        summary = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
+        step = next(s for s in summary["steps"] if s["step"] == f"pack/{split}")
+        tokens = step["extra"]["tokens"]
+        return step["bytes_in"] / tokens if tokens else None
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
+
+
 def remove_stale_temporaries(root: Path) -> int:
     """Delete the hidden temporary files and folders a killed run left behind; returns how many."""
     stale = [p for p in root.rglob(".*") if p.name.endswith((".tmp", ".partial"))]

@@ -22,6 +22,7 @@ import transformers
 from transformers import SchedulerType, TrainingArguments, set_seed
 
 from cli import ConfigError, report_error
+from data_prep.pipeline import split_bytes_per_token
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 from evaluation.perplexity import perplexity
@@ -73,6 +74,9 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
                                     expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
         if validation is not None and len(validation) == 0:
             validation = None
+        if validation is not None and 0 < data_args.max_eval_blocks < len(validation):
+            spread = torch.linspace(0, len(validation) - 1, data_args.max_eval_blocks).round().long().tolist()
+            validation = torch.utils.data.Subset(validation, spread)
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len)
         tokenizer.model_max_length = model.config.max_position_embeddings  # saved with the model: its context
@@ -98,7 +102,8 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     guard = NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)
     trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
                                  data_collator=collate_packed, processing_class=tokenizer,
-                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
+                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard],
+                                 eval_bytes_per_token=split_bytes_per_token(data_dir, "validation"))
     if trainer.is_world_process_zero():
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
         # ZeRO-3 builds the model already partitioned: each parameter keeps its full size in ds_numel
@@ -127,6 +132,9 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             metrics.update(trainer.evaluate())
         if "eval_loss" in metrics:
             metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+            bytes_per_token = split_bytes_per_token(data_dir, "validation")
+            if bytes_per_token:
+                metrics["eval_bits_per_byte"] = metrics["eval_loss"] / math.log(2) / bytes_per_token
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set

@@ -2,6 +2,7 @@
 is Hub-ready and loads elsewhere without Ember, and config mistakes are one-line errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,17 +35,24 @@ def trained(data_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_loss_falls_and_monitoring_is_logged(trained):
+def test_loss_falls_and_monitoring_is_logged(trained, data_dir):
     state = json.loads((trained / "checkpoint-40" / "trainer_state.json").read_text())
     losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.5 and losses == sorted(losses, reverse=True)
     logged = [entry for entry in state["log_history"] if "tokens_per_s" in entry]
     assert logged and all(entry["tokens_per_s"] > 0 and entry["tflops_per_device"] > 0 for entry in logged)
-    evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
-    assert len(evals) >= 2 and evals[-1] < evals[0]
+    evals = [entry for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(evals) >= 2 and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     metrics = json.loads((trained / "all_results.json").read_text())
     assert metrics["eval_perplexity"] > 1
+    # Evaluations also log bits per byte of the validation text: nats/token over ln 2 x bytes/token.
+    from data_prep.pipeline import split_bytes_per_token
+
+    bytes_per_token = split_bytes_per_token(data_dir)
+    assert 1 < bytes_per_token < 8
+    for entry in evals + [metrics]:
+        assert entry["eval_bits_per_byte"] == pytest.approx(entry["eval_loss"] / math.log(2) / bytes_per_token)
 
 
 def test_output_folder_is_hub_ready(trained):

@@ -34,12 +34,14 @@ def make_log_history(with_mfu: bool = True, with_eval: bool = True, steps: int =
             entry["mfu"] = 0.30 + step / 2000
         history.append(entry)
         if with_eval and step % 100 == 0:
-            history.append({"eval_loss": 3.3 + 8.0 * math.exp(-step / 60), "eval_runtime": 1.5,
-                            "eval_samples_per_second": 40.0, "epoch": step / steps, "step": step})
+            eval_loss = 3.3 + 8.0 * math.exp(-step / 60)
+            history.append({"eval_loss": eval_loss, "eval_bits_per_byte": eval_loss / math.log(2) / 4.0,
+                            "eval_runtime": 1.5, "eval_samples_per_second": 40.0, "epoch": step / steps, "step": step})
     history.append({"train_runtime": WALL_SECONDS, "train_samples_per_second": 5.0, "train_steps_per_second": 0.62,
                     "total_flos": 1e12, "train_loss": 4.4321, "epoch": 1.0, "step": steps})
     if with_eval:  # the recipe's trainer.evaluate() after train()
-        history.append({"eval_loss": 3.2468, "eval_runtime": 1.5, "epoch": 1.0, "step": steps})
+        history.append({"eval_loss": 3.2468, "eval_bits_per_byte": 3.2468 / math.log(2) / 4.0, "eval_runtime": 1.5,
+                        "epoch": 1.0, "step": steps})
     return history
 
 
@@ -111,8 +113,9 @@ def test_missing_mfu_and_eval_are_left_out_with_a_note(tmp_path):
 
     report_dir = tmp_path / "run_report"
     assert not (report_dir / "mfu.png").exists()  # the earlier run's plot is gone, not shown as this run's
-    assert "mfu.png" not in text
-    for file in sorted(ALL_PLOTS - {"mfu.png"}):
+    assert "mfu.png" not in text and not (report_dir / "bits_per_byte.png").exists()
+    assert "Held-out bits per byte: not plotted, no finite `eval_bits_per_byte` in the logs" in text
+    for file in sorted(ALL_PLOTS - {"mfu.png", "bits_per_byte.png"}):
         assert_real_png(report_dir / file)
         assert f"]({file})" in text
     assert "Model FLOPs utilisation: not plotted, no finite `mfu` in the logs" in text

@@ -72,6 +72,8 @@ class DataArguments:
         "help": "streaming: documents folder/file or Hub dataset name; default <data_dir>/documents/train"})
     text_field: str = "text"
     seq_len: int = field(default=0, metadata={"help": "streaming: block length; 0 = the data_prep run's pack.seq_len"})
+    max_eval_blocks: int = field(default=0, metadata={
+        "help": "evaluate on this many validation blocks, spread evenly over the split; 0 = all"})
 
 
 @dataclass

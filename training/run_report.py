@@ -163,6 +163,9 @@ class _Plot:
 PLOTS = (
     _Plot("loss.png", "Loss", "cross-entropy (nats/token)",
           (_Line("train", "loss", "train"), _Line("eval", "eval_loss", "eval"))),
+    _Plot("bits_per_byte.png", "Held-out bits per byte", "bits per byte (validation split)",
+          (_Line("eval", "eval_bits_per_byte", "eval"),),
+          why_missing="it needs evaluations during training (eval_strategy) on a data_prep run's validation split"),
     _Plot("learning_rate.png", "Learning rate", "learning rate", (_Line("train", "learning_rate", "learning rate"),)),
     _Plot("grad_norm.png", "Gradient norm", "global norm before clipping", (_Line("train", "grad_norm", "grad norm"),)),
     _Plot("throughput.png", "Throughput", "tokens/s (all devices)", (_Line("train", "tokens_per_s", "tokens/s"),),

@@ -14,6 +14,7 @@ Typical wiring (what `recipes/pretrain.py` does)::
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,20 @@ class PretrainingTrainer(Trainer):
     Each periodic training log (the one with "loss") also gets the metrics of every callback that has a
     `training_log_metrics()` method (`ThroughputCallback`, `NonFiniteGuardCallback`), added before the log
     is recorded in `log_history` and handed to the printer and the reporters (TensorBoard, trackio, W&B).
+    With `eval_bytes_per_token` (the evaluated text's UTF-8 bytes per token), each evaluation log also gets
+    `eval_bits_per_byte`, which compares models whatever their tokenizers.
 
     A stateful stream as `train_dataset` (`is_rank_stream`; each rank passes its own share, e.g. built on
-    `data_prep.token_dataset.open_document_stream`) is read by a plain per-rank DataLoader: accelerate's
+    `data_prep.documents.open_document_stream`) is read by a plain per-rank DataLoader: accelerate's
     would have rank 0 read for everyone or every rank read everything, and it reads a batch ahead. Each
     checkpoint holds every rank's stream state (`stream_state_<rank>.json`, written with the RNG state,
     before `trainer_state.json` marks the checkpoint complete), and a resumed run continues the stream from
     it instead of re-reading and dropping the consumed batches.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, eval_bytes_per_token: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.eval_bytes_per_token = eval_bytes_per_token
         use_log_lines(self)
         if is_rank_stream(self.train_dataset):
             if self.args.dataloader_num_workers:
@@ -118,6 +122,9 @@ class PretrainingTrainer(Trainer):
         super()._issue_warnings_after_load(type(load_result)(missing, load_result.unexpected_keys))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "eval_loss" in logs and self.eval_bytes_per_token:
+            # nats per token -> bits per byte of the evaluated text: comparable across tokenizers
+            logs["eval_bits_per_byte"] = logs["eval_loss"] / math.log(2) / self.eval_bytes_per_token
         if "loss" in logs:
             for callback in self.callback_handler.callbacks:
                 if hasattr(callback, "training_log_metrics"):
