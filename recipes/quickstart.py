@@ -112,7 +112,7 @@ def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
         "perplexity": f"bits per byte on {args.eval_max_documents or 'all'} held-out documents",
         "instructions": f"up to {args.instruction_max_examples:,} docstring -> function pairs",
         "finetune": "LoRA on the pretrained model",
-        "generate": f"{len(args.prompts)} completions, {len(args.chat_prompts)} chat answers",
+        "generate": f"{len(args.prompts)} completion(s), {len(args.chat_prompts)} chat answer(s)",
         "report": f"{Path(args.output_dir) / 'report.md'}"})
     return probe
 
