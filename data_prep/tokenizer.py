@@ -23,12 +23,14 @@ Special tokens occupy the first ids, always in this order (the ids depend only o
     then `num_reserved_tokens` slots <|reserved_0|> ...; unigram and wordpiece add <|unk|> last.
 
 The saved directory loads offline with `transformers.AutoTokenizer.from_pretrained(dir)` as a
-`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5). `tokenizer(text)`
-adds no BOS and no EOS (`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after
-each document itself. Literal special-token text inside a document (a file that contains
-"<|endoftext|>") would still be matched as the special token by `tokenizer(text)`; the packer
-therefore calls `encode_documents`, which encodes such text as ordinary text, so the EOS id
-appears in packed data only where the packer put it.
+`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), in transformers 5 and
+in transformers 4.x alike: `make_portable` writes tokenizer_config.json in the form both read to the
+same ids, special tokens and chat template. `tokenizer(text)` adds no BOS and no EOS
+(`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after each document itself.
+Literal special-token text inside a document (a file that contains "<|endoftext|>") would still be
+matched as the special token by `tokenizer(text)`; the packer therefore calls `encode_documents`,
+which encodes such text as ordinary text, so the EOS id appears in packed data only where the packer
+put it.
 
 The chat template is ChatML-like; each message renders as
 
@@ -54,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from data_prep.config import ConfigError, TokenizerConfig
 
@@ -228,13 +230,52 @@ def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreT
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
+    """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
+    tokenizer.save_pretrained(output_dir)
+    make_portable(output_dir)
+
+
+def make_portable(directory: str | Path) -> bool:
+    """Rewrite a transformers 5 tokenizer_config.json in `directory` into the form transformers 4.x and 5.x
+    both load to the same tokenizer; returns whether anything changed.
+
+    transformers 5 names its `TokenizersBackend` class (4.x has none of that name) and keeps unnamed
+    special tokens as a list under `extra_special_tokens` (4.x expects a dict of named tokens there).
+    The portable form names `PreTrainedTokenizerFast`, which both have, lists those tokens under
+    `additional_special_tokens`, and states `add_bos_token` / `add_eos_token` as what the saved
+    post-processor does, for readers with other defaults (llama.cpp adds BOS unless told). The
+    tokenizer.json, so the ids and the fingerprint, is untouched. Other classes and configs without
+    transformers 5 fields are left as they are.
+    """
+    path = Path(directory) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    extra = config.get("extra_special_tokens")
+    if config.get("tokenizer_class") != "TokenizersBackend" and not isinstance(extra, list):
+        return False
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
+    config.pop("backend", None)  # transformers 5's choice of backend; tokenizers is its default
+    backend = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    plain, full = (backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    for key, token in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
+        token_id = backend.token_to_id(config[token]) if isinstance(config.get(token), str) else None
+        edge = 0 if key == "add_bos_token" else -1
+        config[key] = token_id is not None and len(full) > len(plain) and full[edge] == token_id != plain[edge]
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+    return True
+
+
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:
     """Save into a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     old = None
     try:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if output_dir.exists():
             old = output_dir.with_name(f"{tmp.name}.old")
             os.replace(output_dir, old)
