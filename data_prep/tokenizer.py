@@ -244,7 +244,7 @@ def make_portable(directory: str | Path) -> bool:
     special tokens as a list under `extra_special_tokens` (4.x expects a dict of named tokens there).
     The portable form names `PreTrainedTokenizerFast`, which both have, lists those tokens under
     `additional_special_tokens`, and states `add_bos_token` / `add_eos_token` as what the saved
-    post-processor does, for readers with other defaults (llama.cpp adds BOS unless told). The
+    post-processor does, for readers whose defaults differ (llama.cpp's converter, older loaders). The
     tokenizer.json, so the ids and the fingerprint, is untouched. Other classes and configs without
     transformers 5 fields are left as they are.
     """
@@ -260,13 +260,19 @@ def make_portable(directory: str | Path) -> bool:
         config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
     config.pop("backend", None)  # transformers 5's choice of backend; tokenizers is its default
     backend = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
-    plain, full = (backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
-    for key, token in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
-        token_id = backend.token_to_id(config[token]) if isinstance(config.get(token), str) else None
-        edge = 0 if key == "add_bos_token" else -1
-        config[key] = token_id is not None and len(full) > len(plain) and full[edge] == token_id != plain[edge]
+    # A special token is saved as its text or as an AddedToken dict.
+    bos, eos = (backend.token_to_id(token.get("content", "") if isinstance(token, dict) else token or "")
+                for token in (config.get("bos_token"), config.get("eos_token")))
+    config["add_bos_token"], config["add_eos_token"] = adds_bos_eos(backend, bos, eos)
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
     return True
+
+
+def adds_bos_eos(backend: Tokenizer, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
+    """Whether encoding with special tokens puts BOS in front and EOS at the end: what the post-processor does."""
+    plain, full = (backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
+    return (bos_id is not None and full[:1] == [bos_id] != plain[:1],
+            eos_id is not None and full[-1:] == [eos_id] != plain[-1:])
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:

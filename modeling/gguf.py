@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from data_prep.tokenizer import PRETOKENIZE_REGEX
+from data_prep.tokenizer import PRETOKENIZE_REGEX, adds_bos_eos
 
 from . import EmberConfig, EmberForCausalLM
 
@@ -208,11 +208,9 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer_dir: Path, vocab_size: int
     writer.add_token_types(types)
 
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size)
-    # What the tokenizer does, not what a config says: llama.cpp's own default for BPE is to add BOS.
-    plain = backend.encode("a", add_special_tokens=False).ids
-    full = backend.encode("a", add_special_tokens=True).ids
-    bos, eos = special.special_token_ids.get("bos"), special.special_token_ids.get("eos")
-    special.add_special_token = {"bos": full[:1] == [bos] != plain[:1], "eos": full[-1:] == [eos] != plain[-1:]}
+    # What the tokenizer does, written explicitly: llama.cpp's default depends on the pre-tokenizer type.
+    ids = special.special_token_ids
+    special.add_special_token = dict(zip(("bos", "eos"), adds_bos_eos(backend, ids.get("bos"), ids.get("eos"))))
     if isinstance(special.chat_template, str):
         special.chat_template = _GENERATION_TAG.sub(
             lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", special.chat_template)

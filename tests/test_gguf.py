@@ -248,6 +248,7 @@ def test_lora_adapter_is_merged_and_exported_in_one_command(dense, tmp_path, hel
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     adapted.save_pretrained(tmp_path / "adapter")
+    dense.tokenizer.save_pretrained(tmp_path / "adapter")  # as the finetuning recipe saves its output folder
     config_file = tmp_path / "adapter" / "adapter_config.json"
     assert json.loads(config_file.read_text())["base_model_name_or_path"] == str(dense.checkpoint)
 
@@ -267,6 +268,23 @@ def test_lora_adapter_is_merged_and_exported_in_one_command(dense, tmp_path, hel
         llm.close()
     assert np.abs(expected - unadapted).max() > 0.01  # the adapter matters
     assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_an_embedding_larger_than_the_vocabulary_gets_placeholder_tokens(data_dir, tmp_path):
+    src = save_tiny(tmp_path / "ember", data_dir / "tokenizer", vocab_size=520)  # the tokenizer has 512
+    model = EmberForCausalLM.from_pretrained(src).eval()
+    to_gguf(src, tmp_path / "padded.gguf", "f32")
+    llm = load_gguf(tmp_path / "padded.gguf", n_ctx=64)
+    try:
+        assert llm.n_vocab() == 520
+        ids = llm.tokenize(b"def f(x):\n    return x", add_bos=False)
+        assert ids == encode_documents(AutoTokenizer.from_pretrained(src), ["def f(x):\n    return x"])[0]
+        logits = llama_logits(llm, ids)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].double().numpy()
+    assert logits.shape == (len(ids), 520) and np.abs(logits - expected).max() <= 1e-4
 
 
 # --- refusals ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 from filelock import FileLock
 from packaging.requirements import Requirement
 from test_convert import randomize
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.tokenizer import encode_documents, make_portable, tokenizer_fingerprint
 from modeling import EmberConfig, EmberForCausalLM
@@ -164,6 +164,24 @@ def test_make_portable_keeps_what_transformers_5_loads(tmp_path):
                  "model_max_length", "extra_special_tokens"):
         assert getattr(a, attr) == getattr(b, attr), attr
     assert a(TEXTS)["input_ids"] == b(TEXTS)["input_ids"]
+
+
+def test_make_portable_states_a_bos_the_post_processor_adds(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.add_special_tokens(["<s>", "</s>"])
+    backend.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(tmp_path / "v5")
+    before = AutoTokenizer.from_pretrained(tmp_path / "v5")(TEXTS)["input_ids"]
+    assert make_portable(tmp_path / "v5")
+    config = json.loads((tmp_path / "v5" / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+    after = AutoTokenizer.from_pretrained(tmp_path / "v5")(TEXTS)["input_ids"]
+    assert after == before and all(ids[0] == 0 and 0 not in ids[1:] for ids in after)
 
 
 @pytest.mark.parametrize("overrides", [pytest.param({}, id="llama"),
