@@ -61,18 +61,18 @@ REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type
 ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR}
 
 T = gguf.MODEL_TENSOR
-# Ember parameter name (the part after "model.layers.N.") -> llama.cpp tensor.
+# Ember module or parameter (the part after "model.layers.N.") -> llama.cpp tensor.
 LAYER_TENSORS = {
-    "input_layernorm.weight": T.ATTN_NORM,
+    "input_layernorm": T.ATTN_NORM,
     "self_attn.q_proj": T.ATTN_Q,
     "self_attn.k_proj": T.ATTN_K,
     "self_attn.v_proj": T.ATTN_V,
     "self_attn.o_proj": T.ATTN_OUT,
-    "post_attention_layernorm.weight": T.FFN_NORM,
+    "post_attention_layernorm": T.FFN_NORM,
     "mlp.gate_proj": T.FFN_GATE,
     "mlp.up_proj": T.FFN_UP,
     "mlp.down_proj": T.FFN_DOWN,
-    "mlp.gate.weight": T.FFN_GATE_INP,
+    "mlp.gate": T.FFN_GATE_INP,
     "mlp.experts.down_proj": T.FFN_DOWN_EXP,
 }
 MODEL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight": T.OUTPUT_NORM,
@@ -114,7 +114,7 @@ def pre_tokenizer_type(state: dict[str, Any], where: str) -> str:
                          f"{state['normalizer'].get('type')!r}")
     steps = state.get("pre_tokenizer") or {}
     steps = steps.get("pretokenizers", []) if steps.get("type") == "Sequence" else [steps]
-    split, byte_level = (steps + [{}, {}])[:2] if len(steps) == 2 else ({}, {})
+    split, byte_level = steps if len(steps) == 2 else ({}, {})
     regex = (split.get("pattern") or {}).get("Regex")
     if not (split.get("type") == "Split" and split.get("behavior") == "Isolated" and not split.get("invert")
             and byte_level.get("type") == "ByteLevel" and byte_level.get("use_regex") is False
@@ -157,8 +157,6 @@ def gguf_tensors(model: EmberForCausalLM) -> list[tuple[str, np.ndarray]]:
             tensors.append((gguf.TENSOR_NAMES[T.FFN_GATE_EXP].format(bid=layer) + ".weight", gate))
             tensors.append((gguf.TENSOR_NAMES[T.FFN_UP_EXP].format(bid=layer) + ".weight", up))
             continue
-        if kind and name + "." + kind in LAYER_TENSORS:
-            name, kind = name + "." + kind, None
         if name not in LAYER_TENSORS:
             raise ValueError(f"{key}: no llama.cpp tensor for this parameter")
         if name == "self_attn.q_proj":

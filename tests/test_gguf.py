@@ -270,6 +270,33 @@ def test_lora_adapter_is_merged_and_exported_in_one_command(dense, tmp_path, hel
     assert np.abs(logits - expected).max() <= 1e-4
 
 
+@pytest.mark.parametrize("overrides", [
+    pytest.param({"attention_bias": True, "mlp_bias": True}, id="biases"),
+    pytest.param({"num_key_value_heads": 1, "head_dim": 32}, id="mqa-wide-heads"),
+    pytest.param({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}, id="rope-linear"),
+    pytest.param({"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True,
+                  "tie_word_embeddings": True}, id="moe-biases-tied"),
+])
+def test_architecture_variants_have_equal_logits(data_dir, tmp_path, overrides):
+    """Random weights of a larger scale than an initialisation, so biases and norms are checked too."""
+    from test_convert import randomize
+
+    model = randomize(EmberForCausalLM(EmberConfig.from_preset("nano", **{**TINY, **overrides})))
+    model.save_pretrained(tmp_path / "ember")
+    AutoTokenizer.from_pretrained(data_dir / "tokenizer").save_pretrained(tmp_path / "ember")
+    to_gguf(tmp_path / "ember", tmp_path / "model.gguf", "f32")
+    ids = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    llm = load_gguf(tmp_path / "model.gguf", n_ctx=64)
+    try:
+        logits = llama_logits(llm, ids)
+    finally:
+        llm.close()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].double().numpy()
+    assert np.abs(expected).max() > 1  # not a near-constant output
+    assert np.abs(logits - expected).max() <= 1e-4
+
+
 def test_an_embedding_larger_than_the_vocabulary_gets_placeholder_tokens(data_dir, tmp_path):
     src = save_tiny(tmp_path / "ember", data_dir / "tokenizer", vocab_size=520)  # the tokenizer has 512
     model = EmberForCausalLM.from_pretrained(src).eval()
