@@ -24,8 +24,8 @@ Special tokens occupy the first ids, always in this order (the ids depend only o
 
 The saved directory loads offline with `transformers.AutoTokenizer.from_pretrained(dir)` as a
 `PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), in transformers 5 and
-in transformers 4.x alike: `make_portable` writes tokenizer_config.json in the form both read to the
-same ids, special tokens and chat template. `tokenizer(text)` adds no BOS and no EOS
+in transformers 4.x alike: `modeling.tokenizer_config.make_portable` writes tokenizer_config.json in
+the form both read to the same ids, special tokens and chat template. `tokenizer(text)` adds no BOS and no EOS
 (`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after each document itself.
 Literal special-token text inside a document (a file that contains "<|endoftext|>") would still be
 matched as the special token by `tokenizer(text)`; the packer therefore calls `encode_documents`,
@@ -59,6 +59,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from data_prep.config import ConfigError, TokenizerConfig
+from modeling.tokenizer_config import make_portable
 
 logger = logging.getLogger(__name__)
 
@@ -234,45 +235,6 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -
     """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
     tokenizer.save_pretrained(output_dir)
     make_portable(output_dir)
-
-
-def make_portable(directory: str | Path) -> bool:
-    """Rewrite a transformers 5 tokenizer_config.json in `directory` into the form transformers 4.x and 5.x
-    both load to the same tokenizer; returns whether anything changed.
-
-    transformers 5 names its `TokenizersBackend` class (4.x has none of that name) and keeps unnamed
-    special tokens as a list under `extra_special_tokens` (4.x expects a dict of named tokens there).
-    The portable form names `PreTrainedTokenizerFast`, which both have, lists those tokens under
-    `additional_special_tokens`, and states `add_bos_token` / `add_eos_token` as what the saved
-    post-processor does, for readers whose defaults differ (llama.cpp's converter, older loaders). The
-    tokenizer.json, so the ids and the fingerprint, is untouched. Other classes and configs without
-    transformers 5 fields are left as they are.
-    """
-    path = Path(directory) / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    extra = config.get("extra_special_tokens")
-    if config.get("tokenizer_class") != "TokenizersBackend" and not isinstance(extra, list):
-        return False
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    if isinstance(extra, list):
-        del config["extra_special_tokens"]
-        config["additional_special_tokens"] = list(dict.fromkeys(config.get("additional_special_tokens", []) + extra))
-    config.pop("backend", None)  # transformers 5's choice of backend; tokenizers is its default
-    backend = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
-    # A special token is saved as its text or as an AddedToken dict.
-    bos, eos = (backend.token_to_id(token.get("content", "") if isinstance(token, dict) else token or "")
-                for token in (config.get("bos_token"), config.get("eos_token")))
-    config["add_bos_token"], config["add_eos_token"] = adds_bos_eos(backend, bos, eos)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
-    return True
-
-
-def adds_bos_eos(backend: Tokenizer, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
-    """Whether encoding with special tokens puts BOS in front and EOS at the end: what the post-processor does."""
-    plain, full = (backend.encode("a", add_special_tokens=flag).ids for flag in (False, True))
-    return (bos_id is not None and full[:1] == [bos_id] != plain[:1],
-            eos_id is not None and full[-1:] == [eos_id] != plain[-1:])
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:

@@ -28,7 +28,7 @@ older readers look for (transformers 4.x, vLLM, TGI, llama.cpp's convert script)
 has no `auto_map` and no code files, so it loads without `trust_remote_code`. Mixtral weights are
 saved by transformers in Mixtral's original per-expert layout (`block_sparse_moe.experts.N.w1`),
 which those readers expect. The tokenizer_config.json is rewritten in the form transformers 4.x reads
-too (`data_prep.tokenizer.make_portable`), so the export loads there with the same ids and logits.
+too (`modeling.tokenizer_config.make_portable`), so the export loads there with the same ids and logits.
 
 llama.cpp runs a Mistral / Mixtral export without its sliding window (its `llama` architecture
 attends to the whole context), so `to-hf` warns when it writes one; `to-gguf` refuses such models.
@@ -58,10 +58,10 @@ from transformers import (
 )
 
 from cli import ConfigError, parse_args, report_error
-from data_prep.tokenizer import make_portable
 
 from . import EmberConfig, EmberForCausalLM
 from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
+from .tokenizer_config import make_portable
 
 # Fields spelled the same, with the same meaning, in Ember and in the stock configs.
 SHARED_FIELDS = (
@@ -305,7 +305,6 @@ class GgufArguments:
     out: str = field(metadata={"help": "the .gguf file to write (second positional argument)"})
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = field(default="f16", metadata={
         "help": "storage of the weight matrices (norms, biases and the MoE router stay f32)"})
-    base: str = field(default="", metadata={"help": "an adapter's base, if not the one its adapter_config.json names"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,8 +337,8 @@ def _to_gguf_command(argv: list[str]) -> int:
     from .gguf import to_gguf
 
     (args,) = parse_args((GgufArguments,), argv, prog="python -m modeling.convert to-gguf",
-                         description=COMMANDS["to-gguf"], positionals=("src", "out"), path_keys=("src", "out", "base"))
-    written = to_gguf(args.src, args.out, args.outtype, args.base or None)
+                         description=COMMANDS["to-gguf"], positionals=("src", "out"), path_keys=("src", "out"))
+    written = to_gguf(args.src, args.out, args.outtype)
     print(f"wrote {written['outtype']} GGUF (llama.cpp architecture {written['architecture']}, "
           f"pre-tokenizer {written['pre_tokenizer']}) to {args.out}")
     return 0

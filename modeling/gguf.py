@@ -1,6 +1,6 @@
 """Export an Ember checkpoint (or a LoRA adapter merged into its base) as a GGUF file llama.cpp runs as is.
 
-    python -m modeling.convert to-gguf SRC OUT.gguf [--outtype f32|f16|bf16|q8_0] [--base BASE]
+    python -m modeling.convert to-gguf SRC OUT.gguf [--outtype=f32|f16|bf16|q8_0]
 
 The file is written with the `gguf` package that ggml publishes with llama.cpp: architecture `llama`
 (dense models and Mixtral-style MoE alike), the weights under llama.cpp's tensor names, and the
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from data_prep.tokenizer import PRETOKENIZE_REGEX, adds_bos_eos
-
 from . import EmberConfig, EmberForCausalLM
+from .loading import adapter_base, is_adapter, load_model
+from .tokenizer_config import adds_bos_eos
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 OUTTYPES = {
@@ -54,8 +54,12 @@ OUTTYPES = {
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
-# Split regex of a byte-level BPE tokenizer -> the llama.cpp pre-tokenizer type that applies the same split.
-PRE_TOKENIZER_TYPES = {PRETOKENIZE_REGEX: "qwen2"}
+# Split regex of a byte-level BPE tokenizer.json -> the llama.cpp pre-tokenizer type that applies the same split.
+# Qwen2's regex, which llama.cpp implements as "qwen2", is the one data_prep trains with (PRETOKENIZE_REGEX).
+PRE_TOKENIZER_TYPES = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
 # Settings the llama graph hard-codes.
 REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu"}
 ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR}
@@ -123,7 +127,7 @@ def pre_tokenizer_type(state: dict[str, Any], where: str) -> str:
                          "that data_prep trains; llama.cpp has no pre-tokenizer type for this one")
     if regex not in PRE_TOKENIZER_TYPES:
         raise ValueError(f"{where}: pre_tokenizer: the split regex {regex!r} has no llama.cpp pre-tokenizer type "
-                         "(supported: data_prep's PRETOKENIZE_REGEX, llama.cpp's 'qwen2')")
+                         "(supported: the one data_prep trains with, llama.cpp's 'qwen2')")
     return PRE_TOKENIZER_TYPES[regex]
 
 
@@ -272,11 +276,11 @@ def write_gguf(model: EmberForCausalLM, tokenizer_dir: Path, out: Path, outtype:
     return {"architecture": ARCH, "outtype": outtype, "pre_tokenizer": pre, "path": str(out)}
 
 
-def to_gguf(src: str | Path, out: str | Path, outtype: str = "f16", base: str | Path | None = None) -> dict[str, Any]:
+def to_gguf(src: str | Path, out: str | Path, outtype: str = "f16") -> dict[str, Any]:
     """Export the Ember checkpoint, or the LoRA adapter merged into its base, in `src` to the GGUF file `out`.
 
-    An adapter folder (one with adapter_config.json) is merged first, into `base` or the base its config
-    names; its tokenizer is the adapter folder's when it has one, else the base's.
+    An adapter folder (one with adapter_config.json) is merged into the base its config names (found as
+    `modeling.loading` finds it); its tokenizer is the adapter folder's when it has one, else the base's.
     """
     src, out = Path(src), Path(out)
     if outtype not in OUTTYPES:
@@ -285,26 +289,20 @@ def to_gguf(src: str | Path, out: str | Path, outtype: str = "f16", base: str | 
         raise ValueError(f"{out}: is a folder; give the path of the .gguf file to write")
     if not src.is_dir():
         raise ValueError(f"{src}: no such directory")
-    adapter_config = src / "adapter_config.json"
-    if not adapter_config.is_file():
+    if not is_adapter(src):
         _check_checkpoint(src)
-        return _export(src, src, out, outtype, src.name)
-    try:
-        recorded = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{adapter_config}: not valid JSON ({err})") from None
-    base_dir = Path(base or recorded or "")
-    if not (base_dir / "config.json").is_file():
-        field = "--base" if base else f"{adapter_config}: base_model_name_or_path"
-        raise ValueError(f"{field}: {str(base_dir)!r} is not a checkpoint folder (pass the adapter's base with --base)")
-    _check_checkpoint(base_dir)
-    tokenizer_dir = src if (src / "tokenizer.json").is_file() else base_dir
-    _tokenizer_state(tokenizer_dir)  # a tokenizer llama.cpp cannot run fails before the merge
-    from .finetune import merge_adapter
+        _tokenizer_state(src)  # before loading the weights
+        from .convert import _load_strict
 
-    with tempfile.TemporaryDirectory(prefix="ember-merged-") as merged:
-        merge_adapter(src, merged, base_model=base_dir)
-        return _export(Path(merged), tokenizer_dir, out, outtype, src.name)
+        return write_gguf(_load_strict(EmberForCausalLM, src), src, out, outtype, name=src.name)
+    base = adapter_base(src)
+    if not (Path(base) / "config.json").is_file():
+        raise ValueError(f"{src / 'adapter_config.json'}: base_model_name_or_path: {str(base)!r} is not a "
+                         "checkpoint folder (absolute, or relative to the working directory or the adapter)")
+    _check_checkpoint(Path(base))
+    tokenizer_dir = src if (src / "tokenizer.json").is_file() else Path(base)
+    _tokenizer_state(tokenizer_dir)  # a tokenizer llama.cpp cannot run fails before the merge
+    return write_gguf(load_model(src, merge_adapter=True), tokenizer_dir, out, outtype, name=src.name)
 
 
 def _check_checkpoint(path: Path) -> None:
@@ -330,10 +328,3 @@ def _tokenizer_state(tokenizer_dir: Path) -> tuple[dict[str, Any], str]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from None
     return state, pre_tokenizer_type(state, str(file))
-
-
-def _export(checkpoint: Path, tokenizer_dir: Path, out: Path, outtype: str, name: str) -> dict[str, Any]:
-    from .convert import _load_strict
-
-    _tokenizer_state(tokenizer_dir)  # before loading the weights
-    return write_gguf(_load_strict(EmberForCausalLM, checkpoint), tokenizer_dir, out, outtype, name=name)

@@ -2,7 +2,7 @@
 
 llama.cpp runs through its Python binding (llama-cpp-python, which compiles llama.cpp on install). Every
 comparison is against transformers running the same checkpoint: tokenization on edge cases and held-out
-documents, f32 logits, greedy generation, and q8_0 bits per byte against `modeling.evaluation`.
+documents, f32 logits, greedy generation, and q8_0 bits per byte against `evaluation.perplexity`.
 """
 
 import json
@@ -24,10 +24,11 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.config import TokenizerConfig
+from data_prep.documents import read_documents
 from data_prep.tokenizer import encode_documents, train_tokenizer
+from evaluation.perplexity import evaluate_perplexity, window_spans
 from modeling import EmberConfig, EmberForCausalLM
 from modeling.convert import main
-from modeling.evaluation import evaluate_perplexity, read_texts, window_spans
 from modeling.gguf import to_gguf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def moe(data_dir, tmp_path_factory, one_torch_thread):
 @pytest.fixture(scope="module")
 def held_out(data_dir) -> list[str]:
     """Held-out documents of the data_prep run, cut to 3,000 characters each to keep the test short."""
-    return [text[:3000] for text in read_texts(data_dir / "documents" / "validation") if text.strip()][:6]
+    return [text[:3000] for text in read_documents(data_dir / "documents" / "validation") if text.strip()][:6]
 
 
 @pytest.fixture(params=["dense", "moe"])
@@ -199,7 +200,7 @@ def test_greedy_generation_is_token_identical(exported, held_out):
 
 
 def llama_bits_per_byte(llm: llama_cpp.Llama, texts: list[str], eos_id: int, window: int, stride: int) -> float:
-    """Bits per byte from llama.cpp's own tokens and logits, with the windows `modeling.evaluation` scores."""
+    """Bits per byte from llama.cpp's own tokens and logits, with the windows `evaluation.perplexity` scores."""
     total_nll, total_bytes = 0.0, 0
     for text in texts:
         stream = [eos_id] + llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -253,7 +254,7 @@ def test_lora_adapter_is_merged_and_exported_in_one_command(dense, tmp_path, hel
     assert json.loads(config_file.read_text())["base_model_name_or_path"] == str(dense.checkpoint)
 
     result = subprocess.run([sys.executable, "-m", "modeling.convert", "to-gguf", str(tmp_path / "adapter"),
-                             str(tmp_path / "merged.gguf"), "--outtype", "f32"],
+                             str(tmp_path / "merged.gguf"), "--outtype=f32"],
                             capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pre-tokenizer qwen2" in result.stdout
@@ -383,6 +384,13 @@ def test_tokenizers_without_a_llama_cpp_pre_tokenizer_type_are_refused(tmp_path,
     assert "\n" not in message and not (tmp_path / "out.gguf").exists()
 
 
+def test_data_prep_splits_text_with_the_regex_llama_cpp_calls_qwen2():
+    from data_prep.tokenizer import PRETOKENIZE_REGEX
+    from modeling.gguf import PRE_TOKENIZER_TYPES
+
+    assert PRE_TOKENIZER_TYPES[PRETOKENIZE_REGEX] == "qwen2"
+
+
 def test_a_split_regex_llama_cpp_does_not_know_is_refused(tmp_path):
     split = pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}{1,3}|\s+|[^\s\p{L}\p{N}]+"), behavior="isolated")
     tokenizer = bpe_with(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
@@ -402,20 +410,20 @@ def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):
     result = subprocess.run([sys.executable, "-m", "modeling.convert", "to-gguf", str(tmp_path / "windowed"),
                              str(tmp_path / "a.gguf")], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith(
+    assert result.stderr.strip().splitlines()[-1] == (
         "error: sliding_window: 16 cannot be exported to GGUF (llama.cpp's llama architecture attends to the whole "
         "context: outputs would differ past the window)")
     missing = tmp_path / "missing"
     cases = [([str(missing), str(tmp_path / "a.gguf")], f"error: {missing}: no such directory"),
              ([str(tmp_path / "adapter"), str(tmp_path / "a.gguf")], "base_model_name_or_path: '/no/such' is not a"),
              ([str(tmp_path / "windowed"), str(tmp_path)], f"error: {tmp_path}: is a folder"),
-             ([str(tmp_path / "windowed"), str(tmp_path / "a.gguf"), "--outtype", "q4_0"], "invalid choice: 'q4_0'")]
+             ([str(tmp_path / "windowed"), str(tmp_path / "a.gguf"), "--outtype=q4_0"],
+              "error: outtype: must be one of ['f32', 'f16', 'bf16', 'q8_0'], got 'q4_0'")]
+    capsys.readouterr()  # what saving the tiny checkpoint printed
     for args, expected in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["to-gguf", *args])
-        assert exit_info.value.code == 2
-        last_line = capsys.readouterr().err.strip().splitlines()[-1]
-        assert expected in last_line and "error:" in last_line, last_line
+        assert main(["to-gguf", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
     assert not list(tmp_path.glob("*.gguf"))
 
 

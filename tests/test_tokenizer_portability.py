@@ -20,9 +20,10 @@ from packaging.requirements import Requirement
 from test_convert import randomize
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from data_prep.tokenizer import encode_documents, make_portable, tokenizer_fingerprint
+from data_prep.tokenizer import encode_documents, tokenizer_fingerprint
 from modeling import EmberConfig, EmberForCausalLM
 from modeling.convert import to_hf
+from modeling.tokenizer_config import make_portable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The last transformers 4.x release, and the tokenizers / huggingface_hub it accepts (it caps both below
