@@ -7,7 +7,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 QUICKSTART_EXTRAS ?= data
-EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed
+EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed,llamacpp
+# The llamacpp extra (llama.cpp's Python binding, for the GGUF tests) compiles llama.cpp on install: about 10
+# CPU-minutes, once; pip caches the wheel. CPU backend, without the multimodal library nothing here uses.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -75,4 +79,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .venv-transformers4 outputs .pytest_cache .ruff_cache

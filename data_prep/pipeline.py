@@ -255,7 +255,7 @@ def dedup_plan(cfg: PipelineConfig) -> Path:
 
 def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     """Train the tokenizer on train documents (up to `tokenizer.train_bytes`) or copy `tokenizer.path`."""
-    from data_prep.tokenizer import compression_stats, load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import compression_stats, load_tokenizer, save_tokenizer, train_tokenizer
 
     out = cfg.step_dir("tokenizer")
     report_path = cfg.root / "tokenizer_report.json"
@@ -268,7 +268,7 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         raise PipelineError(f"tokenizer: split shards not finished yet: {', '.join(missing)}")
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
         trained_on = None
     else:
         used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself

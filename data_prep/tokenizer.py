@@ -23,12 +23,14 @@ Special tokens occupy the first ids, always in this order (the ids depend only o
     then `num_reserved_tokens` slots <|reserved_0|> ...; unigram and wordpiece add <|unk|> last.
 
 The saved directory loads offline with `transformers.AutoTokenizer.from_pretrained(dir)` as a
-`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5). `tokenizer(text)`
-adds no BOS and no EOS (`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after
-each document itself. Literal special-token text inside a document (a file that contains
-"<|endoftext|>") would still be matched as the special token by `tokenizer(text)`; the packer
-therefore calls `encode_documents`, which encodes such text as ordinary text, so the EOS id
-appears in packed data only where the packer put it.
+`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), in transformers 5 and
+in transformers 4.x alike: `modeling.tokenizer_config.make_portable` writes tokenizer_config.json in
+the form both read to the same ids, special tokens and chat template. `tokenizer(text)` adds no BOS and no EOS
+(`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after each document itself.
+Literal special-token text inside a document (a file that contains "<|endoftext|>") would still be
+matched as the special token by `tokenizer(text)`; the packer therefore calls `encode_documents`,
+which encodes such text as ordinary text, so the EOS id appears in packed data only where the packer
+put it.
 
 The chat template is ChatML-like; each message renders as
 
@@ -54,9 +56,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from data_prep.config import ConfigError, TokenizerConfig
+from modeling.tokenizer_config import make_portable
 
 logger = logging.getLogger(__name__)
 
@@ -228,13 +231,19 @@ def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreT
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
+    """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
+    tokenizer.save_pretrained(output_dir)
+    make_portable(output_dir)
+
+
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:
     """Save into a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     old = None
     try:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if output_dir.exists():
             old = output_dir.with_name(f"{tmp.name}.old")
             os.replace(output_dir, old)

@@ -323,6 +323,6 @@ def test_main_takes_the_folders_as_settings_too(tmp_path: Path, capsys: pytest.C
     assert_same_logits(ember, AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
     assert main(["to-gguf-typo", "a", "b"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: to-gguf-typo: unknown command (one of to-hf, from-hf)")
+        "error: to-gguf-typo: unknown command (one of to-hf, from-hf, to-gguf)")
     assert main(["to-hf", str(tmp_path / "ember")]) == 2
     assert capsys.readouterr().err.strip() == "error: dst: required key is missing"
