@@ -28,6 +28,7 @@ from transformers import TrainingArguments, set_seed
 
 from cli import ConfigError, report_error
 from modeling.loading import checkpoint_tokenizer, load_model, torch_dtype
+from modeling.tokenizer_config import make_portable
 from training.arguments import (
     FINETUNE_PATH_KEYS,
     BaseModelArguments,
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["eval_after"] = evaluate("after")
     trainer.save_model(args.output_dir)  # the adapter and the tokenizer
+    if trainer.is_world_process_zero():
+        make_portable(args.output_dir)  # the tokenizer loads in transformers 4.x too
     trainer.save_state()  # trainer_state.json: the loss curve
 
     if trainer.is_world_process_zero():

@@ -61,6 +61,9 @@ def test_output_folder_is_hub_ready(trained):
         assert (trained / name).is_file(), name
     config = json.loads((trained / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_ember.EmberForCausalLM"
+    tokenizer_config = json.loads((trained / "tokenizer_config.json").read_text())  # transformers 4.x reads it too
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tokenizer_config["model_max_length"] == 64
     assert config["vocab_size"] == 512 and config["hidden_size"] == 64
     from huggingface_hub import ModelCard
 

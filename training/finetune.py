@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
 from modeling.loading import adapter_base, load_model
+from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
 
 IGNORE_INDEX = -100
@@ -277,6 +278,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     merged.save_pretrained(str(output_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
+        make_portable(output_dir)
     return merged
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
 from training.optim import decay_parameter_names
 
@@ -102,13 +103,15 @@ class PretrainingTrainer(Trainer):
 
         model = self.accelerator.unwrap_model(self.model)
         sharded_class = type(model)
-        if not isinstance(model, FSDPModule):
-            return super()._save(output_dir, state_dict)
-        model.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
+        if isinstance(model, FSDPModule):
+            model.__class__ = next(cls for cls in sharded_class.__mro__ if not issubclass(cls, FSDPModule))
         try:
-            return super()._save(output_dir, state_dict)
+            super()._save(output_dir, state_dict)
         finally:
             model.__class__ = sharded_class
+        folder = Path(output_dir or self.args.output_dir)
+        if (folder / "tokenizer_config.json").is_file():
+            make_portable(folder)  # the saved tokenizer loads in transformers 4.x too
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
         # A tied output head is not in the checkpoint (it is the embedding), so every resume of a tied model
