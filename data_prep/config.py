@@ -200,6 +200,12 @@ class DecontamConfig:
             raise ConfigError(f"decontam.ngram: must be >= 1, got {self.ngram}")
 
 
+# Special tokens after eos and pad, in id order (data_prep/tokenizer.py describes the layout).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+UNK_TOKEN = "<|unk|>"
+
+
 @dataclass
 class TokenizerConfig:
     # An existing tokenizer directory to reuse instead of training one.
@@ -214,6 +220,32 @@ class TokenizerConfig:
     num_reserved_tokens: int = 8
     model_max_length: int = 2048
 
+    def special_tokens(self) -> list[str]:
+        """The special tokens a tokenizer trained with this config has, in id order (id = list index)."""
+        tokens = [self.eos_token, self.pad_token, IM_START, IM_END]
+        if self.fim_tokens:
+            tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
+        tokens += [f"<|reserved_{i}|>" for i in range(max(self.num_reserved_tokens, 0))]
+        if self.model in ("unigram", "wordpiece"):
+            tokens.append(UNK_TOKEN)
+        return tokens
+
+    def __post_init__(self) -> None:
+        # Checked on load, so a run does not filter and dedup a corpus before finding out.
+        for key in ("min_frequency", "train_bytes", "model_max_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"tokenizer.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.num_reserved_tokens < 0:
+            raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {self.num_reserved_tokens}")
+        specials = self.special_tokens()
+        if len(set(specials)) != len(specials):
+            raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
+        # Byte-level BPE and byte-fallback Unigram need all 256 bytes plus the special tokens.
+        minimum = len(specials) + (256 if self.model in ("bpe", "unigram") else 1) + 1
+        if self.vocab_size < minimum:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= {minimum} for model {self.model}, "
+                              f"got {self.vocab_size}")
+
 
 @dataclass
 class PackConfig:
@@ -225,6 +257,11 @@ class PackConfig:
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "batch_docs", "batch_chars"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"pack.{key}: must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -262,10 +299,13 @@ class PipelineConfig:
                 raise ConfigError(f"sources.{i}.path: a hub source needs a dataset name or folder")
             if source.type == "local" and not source.paths:
                 raise ConfigError(f"sources.{i}.paths: a local source needs at least one path")
+            if source.max_docs is not None and source.max_docs < 1:
+                raise ConfigError(f"sources.{i}.max_docs: must be >= 1 (leave it out for no limit), "
+                                  f"got {source.max_docs}")
+        if self.max_doc_bytes < 1:
+            raise ConfigError(f"max_doc_bytes: must be >= 1, got {self.max_doc_bytes}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
-        if self.pack.seq_len < 1:
-            raise ConfigError(f"pack.seq_len: must be >= 1, got {self.pack.seq_len}")
         for key in ("fim_rate", "fim_spm_rate"):
             if not 0.0 <= getattr(self.pack, key) <= 1.0:
                 raise ConfigError(f"pack.{key}: must be in [0, 1], got {getattr(self.pack, key)}")
