@@ -265,6 +265,56 @@ class PackConfig:
 
 
 @dataclass
+class RayConfig:
+    """`executor: ray`. Every node needs Ember installed and `output_dir` on a shared filesystem."""
+
+    # An existing cluster ("ray://head:10001", "auto"); empty: RAY_ADDRESS, else a local instance.
+    address: str | None = None
+    num_cpus: int | None = None  # CPUs of a local instance (default: all)
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    workers: int = -1  # tasks running at once (-1: as many as the cluster fits)
+    log_to_driver: bool = False  # task logs are in <output_dir>/executor/<step>/logs either way
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"ray.cpus_per_task: must be >= 1, got {self.cpus_per_task}")
+        if self.mem_per_cpu_gb <= 0:
+            raise ConfigError(f"ray.mem_per_cpu_gb: must be > 0, got {self.mem_per_cpu_gb}")
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"ray.workers: must be >= 1 or -1, got {self.workers}")
+
+
+@dataclass
+class SlurmConfig:
+    """`executor: slurm`: sbatch settings of every job (`output_dir` must be on a shared filesystem)."""
+
+    partition: str | None = None
+    time: str = "24:00:00"
+    qos: str | None = None
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    workers: int = -1  # array tasks running at once (-1: no limit)
+    job_name: str = "ember_data"
+    # Shell line that puts the right `python` on PATH in a job; default: this interpreter's directory.
+    env_command: str | None = None
+    sbatch_args: dict[str, str] = field(default_factory=dict)  # e.g. {account: myproject}
+    mail_user: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_task < 1:
+            raise ConfigError(f"slurm.cpus_per_task: must be >= 1, got {self.cpus_per_task}")
+        if self.mem_per_cpu_gb < 1:
+            raise ConfigError(f"slurm.mem_per_cpu_gb: must be >= 1, got {self.mem_per_cpu_gb}")
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"slurm.workers: must be >= 1 or -1, got {self.workers}")
+        if not isinstance(self.sbatch_args, dict):
+            raise ConfigError(f"slurm.sbatch_args: expected a mapping, got {type(self.sbatch_args).__name__}")
+
+
+@dataclass
 class PipelineConfig:
     output_dir: str
     sources: list[SourceConfig]
@@ -283,6 +333,10 @@ class PipelineConfig:
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    # Where tasks run: this machine, a Ray cluster, or Slurm array jobs (data_prep/executors.py).
+    executor: Literal["local", "ray", "slurm"] = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:

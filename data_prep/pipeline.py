@@ -345,6 +345,21 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if shard_indices is None:  # array tasks may be writing beside us otherwise
         remove_stale_temporaries(cfg.root)
     atomic_write_text(cfg.root / "pipeline_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.executor != "local" and shard_indices is None:
+        from data_prep import executors
+
+        ordered = [step for step in STEPS if step in steps]
+        if cfg.executor == "slurm":
+            jobs = executors.submit_slurm(cfg, ordered)
+            print(f"[data_prep] submitted to Slurm: {', '.join(f'{k} {v}' for k, v in jobs.items())}; "
+                  f"progress: python -m data_prep status --config <this config>")
+            return []
+        timings = executors.run_ray(cfg, ordered)
+        remove_stale_temporaries(cfg.root)  # left by tasks whose worker was killed and retried
+        reports = collect_reports(cfg)
+        if reports:
+            write_summary(cfg, reports, timings)
+        return reports
     timings = {}
     for step in STEPS:
         if step not in steps:
@@ -388,6 +403,14 @@ def collect_reports(cfg: PipelineConfig) -> list[StepReport]:
         paths = [cfg.step_dir("tokens") / split / f"{n}.report.json" for n in names]
         groups.extend(load_reports(p) for p in paths if p.exists())
     return merge_reports(groups)
+
+
+def write_final_report(cfg: PipelineConfig) -> None:
+    """report.json and report.txt of a run whose steps ran elsewhere (the last Slurm job)."""
+    reports = collect_reports(cfg)
+    if not reports:
+        raise PipelineError(f"{cfg.root}: not every shard is finished; nothing to report")
+    write_summary(cfg, reports, {})
 
 
 def write_summary(cfg: PipelineConfig, reports: list[StepReport], timings: dict[str, float]) -> None:
