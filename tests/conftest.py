@@ -110,3 +110,24 @@ def small_local_run(tmp_path_factory):
     cfg = load_config(STDLIB_CONFIG, [f"--output_dir={tmp_path_factory.mktemp('local') / 'out'}", *SMALL_RUN])
     run_pipeline(cfg, workers=2)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-machine Slurm (controller + this host as its node), started for the session; yields the
+    environment (SLURM_CONF) its commands need. Needs root and Debian's slurmctld/slurmd/munge packages,
+    which `make test` installs (make slurm-deps); CI must have them, elsewhere the tests are skipped."""
+    import shutil
+    import subprocess
+
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must run the Slurm tests: `make test` installs slurmctld, slurmd and munge")
+        pytest.skip("needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
+    scripts = REPO_ROOT / "tests" / "slurm"
+    directory = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(scripts / "start_local_slurm.sh"), str(directory)], capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-3000:]
+    yield {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(["bash", str(scripts / "stop_local_slurm.sh"), str(directory)], timeout=60)

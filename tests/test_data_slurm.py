@@ -3,38 +3,17 @@ the dependent array jobs write every output byte the local executor writes, `sta
 after a task is killed a second `run` resubmits only what is missing."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from conftest import SMALL_RUN, STDLIB_CONFIG, every_output
 
 from data_prep.config import load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = Path(__file__).resolve().parent / "slurm"
-
-if shutil.which("slurmctld") is None or os.geteuid() != 0:
-    if os.environ.get("CI"):
-        raise RuntimeError("CI must run the Slurm tests: `make test` installs slurmctld, slurmd and munge as root")
-    pytest.skip("needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)", allow_module_level=True)
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", str(SCRIPTS / "start_local_slurm.sh"), str(directory)], capture_output=True,
-                             text=True, timeout=180)
-    assert started.returncode == 0, started.stderr[-3000:]
-    env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), "HF_HUB_OFFLINE": "1"}
-    yield env
-    subprocess.run(["bash", str(SCRIPTS / "stop_local_slurm.sh"), str(directory)], timeout=60)
-
 
 def _data_prep(env, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "data_prep", *args], capture_output=True, text=True, env=env,
