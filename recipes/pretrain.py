@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class ModelArguments:
     model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this checkpoint"})
     attn_implementation: str = "sdpa"
+    tp_size: int = field(default=1, metadata={
+        "help": "tensor-parallel ranks per model replica (the config's base_model_tp_plan); the other "
+                "world_size / tp_size ranks shard the data (FSDP2)"})
 
 
 @dataclass
@@ -89,10 +93,38 @@ def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberFor
     if model.config.max_position_embeddings < seq_len:
         raise RecipeConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
                                 f"the shards' seq_len {seq_len}")
+    if model_args.tp_size > 1:
+        model = tensor_parallel(model, model_args)
     model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
     return model
+
+
+def tensor_parallel(model: EmberForCausalLM, model_args: ModelArguments) -> EmberForCausalLM:
+    """The model reloaded through transformers' `DistributedConfig`: its `base_model_tp_plan` over `tp_size` ranks,
+    FSDP2 over the world_size / tp_size data-parallel ranks. The Trainer then hands accelerate the matching
+    `ParallelismConfig(tp_size, dp_shard_size)`. Every rank built the same seeded weights, so each reloads its
+    own copy (no shared filesystem needed)."""
+    import tempfile
+
+    from safetensors.torch import save_model
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    tp, world = model_args.tp_size, int(os.environ.get("WORLD_SIZE", "1"))
+    config = model.config
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(config, key) % tp:
+            raise RecipeConfigError(f"tp_size: {tp} does not divide {key} ({getattr(config, key)})")
+    if world % tp:
+        raise RecipeConfigError(f"tp_size: {tp} does not divide the {world} ranks of this launch")
+    distributed = DistributedConfig(tp_size=tp, fsdp_size=world // tp)
+    with tempfile.TemporaryDirectory(prefix="ember-tp-") as tmp:
+        # Written by every rank into its own folder (save_pretrained writes on rank 0 only).
+        model.config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        return EmberForCausalLM.from_pretrained(tmp, distributed_config=distributed,
+                                                attn_implementation=model_args.attn_implementation)
 
 
 def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingArguments) -> StreamingPackedDataset:
@@ -154,14 +186,19 @@ def main(argv: list[str] | None = None) -> int:
                                     expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
         if validation is not None and len(validation) == 0:
             validation = None
+        if model_args.tp_size > 1 and args.save_strategy != "no" and not args.save_only_model:
+            raise RecipeConfigError("tp_size: the Trainer cannot checkpoint the optimizer state of a model sharded at "
+                                    "load time; pass --save_only_model=true (weights only, no resume) or "
+                                    "--save_strategy=no")
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len)
     except (RecipeConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-                       * train.seq_len)
+    # Ranks of one tensor-parallel group read the same rows: the data-parallel degree is world_size / tp_size.
+    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                       * (args.world_size // model_args.tp_size) * train.seq_len)
     if data_args.max_tokens:
         args.max_steps = math.ceil(data_args.max_tokens / tokens_per_step)
     if data_args.streaming and args.max_steps <= 0:
@@ -188,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[pretrain] {parameters:,} parameters | {blocks} of "
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
+        if model_args.tp_size > 1:
+            from torch.distributed.tensor import DTensor
+
+            sharded = [n for n, p in model.named_parameters()
+                       if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)]
+            print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
+                  f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
 
     resume = args.resume_from_checkpoint
     if resume == "auto":
