@@ -30,6 +30,7 @@ import filecmp
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -94,8 +95,8 @@ def ember_config(corpus: Path, tokenizer: Path, output: Path, shards: int) -> Pa
     return path
 
 
-# Run as a script of its own (datatrove's local executor starts a forkserver that imports __main__: the work sits
-# under the main guard).
+# Run as a script of its own, the work under the main guard (datatrove's default start method, forkserver,
+# imports __main__).
 DATATROVE_SCRIPT = r'''
 import sys
 
@@ -112,8 +113,9 @@ def main(corpus, tokenizer, out, shards, workers):
                                           num_buckets=14, hashes_per_bucket=8)
 
     def local(pipeline, name, tasks=shards):
+        # fork: the workers are children of this process, so the parent's CPU accounting includes them
         return LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                     logging_dir=f"{out}/logs/{name}")
+                                     logging_dir=f"{out}/logs/{name}", start_method="fork")
 
     local([JsonlReader(corpus, text_key="text", id_key="id"), filters.GopherRepetitionFilter(),
            filters.GopherQualityFilter(), filters.C4QualityFilter(filter_no_terminal_punct=False),
@@ -134,14 +136,22 @@ if __name__ == "__main__":
 '''
 
 
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def timed(command: list[str], cwd: Path) -> dict:
+    """Wall seconds, and CPU seconds of the command and every process under it that was waited for (on a
+    shared machine the wall time includes time lost to other users; the CPU time does not. A Ray worker is not
+    a descendant of the run, so for Ray only the wall time means anything)."""
     load = os.getloadavg()[0]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu_s()
     result = subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, children_cpu_s() - cpu
     if result.returncode != 0:
         raise SystemExit(f"error: {shlex.join(command[:6])} ... failed:\n{result.stderr[-3000:]}")
-    return {"seconds": seconds, "load_1m_before": load, "load_1m_after": os.getloadavg()[0]}
+    return {"seconds": seconds, "cpu_s": cpu, "load_1m_before": load, "load_1m_after": os.getloadavg()[0]}
 
 
 def train_tokenizer_once(corpus: Path, directory: Path) -> Path:
@@ -182,13 +192,19 @@ def ember_vs_datatrove(args: argparse.Namespace, work: Path) -> dict:
                 record[name]["tokens"] = sum(p.stat().st_size for p in (out / "tokens").glob("*.ds")) // 2
             shutil.rmtree(out.parent)
         record["datatrove_over_ember"] = record["datatrove"]["seconds"] / record["ember"]["seconds"]
-        print(f"  round {index + 1}: ember {record['ember']['seconds']:.1f} s, datatrove "
-              f"{record['datatrove']['seconds']:.1f} s, ratio {record['datatrove_over_ember']:.2f}", flush=True)
+        record["datatrove_over_ember_cpu"] = record["datatrove"]["cpu_s"] / record["ember"]["cpu_s"]
+        print(f"  round {index + 1}: ember {record['ember']['seconds']:.1f} s ({record['ember']['cpu_s']:.1f} s CPU), "
+              f"datatrove {record['datatrove']['seconds']:.1f} s ({record['datatrove']['cpu_s']:.1f} s CPU), ratio "
+              f"{record['datatrove_over_ember']:.2f} (CPU {record['datatrove_over_ember_cpu']:.2f})", flush=True)
         rounds.append(record)
     medians = {name: statistics.median(r[name]["seconds"] for r in rounds) for name in ("ember", "datatrove")}
-    return {"documents_in": documents, "corpus_bytes": corpus.stat().st_size, "rounds": rounds,
-            "median_s": medians, "docs_per_s": {k: documents / v for k, v in medians.items()},
-            "datatrove_over_ember_of_medians": medians["datatrove"] / medians["ember"]}
+    cpu = {name: statistics.median(r[name]["cpu_s"] for r in rounds) for name in ("ember", "datatrove")}
+    return {"documents_in": documents, "corpus_bytes": sum(p.stat().st_size for p in corpus.glob("*.jsonl")),
+            "rounds": rounds, "median_s": medians, "median_cpu_s": cpu,
+            "docs_per_s": {k: documents / v for k, v in medians.items()},
+            "docs_per_cpu_s": {k: documents / v for k, v in cpu.items()},
+            "datatrove_over_ember_of_medians": medians["datatrove"] / medians["ember"],
+            "datatrove_over_ember_cpu_of_medians": cpu["datatrove"] / cpu["ember"]}
 
 
 def same_outputs(a: Path, b: Path) -> bool:
@@ -254,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ember_vs_datatrove" in record:
         r = record["ember_vs_datatrove"]
         print(f"ember vs datatrove: {r['docs_per_s']['ember']:.1f} vs {r['docs_per_s']['datatrove']:.1f} docs/s in; "
-              f"datatrove/ember time {r['datatrove_over_ember_of_medians']:.2f}")
+              f"datatrove/ember time {r['datatrove_over_ember_of_medians']:.2f}, CPU time "
+              f"{r['datatrove_over_ember_cpu_of_medians']:.2f}")
     if "local_vs_ray" in record:
         r = record["local_vs_ray"]
         print(f"local vs ray: {r['median_s']['local']:.1f} vs {r['median_s']['ray']:.1f} s; "

@@ -5,7 +5,11 @@ two global ones (dedup, tokenizer). Every executor runs the same functions, so t
 byte-identical whichever ran them, and every shard function skips a shard whose output exists, so
 finished shards are never redone.
 
-- `local`: shards in a process pool on this machine (`--workers`), global steps in this process.
+- `local`: shards in a process pool on this machine (`--workers`), global steps in this process. Not
+  datatrove's `LocalPipelineExecutor`: on one machine it adds nothing Ember lacks (a shard's output file is
+  its completion marker), while it starts a forkserver and a manager process per step (seconds on a small
+  run; the forkserver re-imports `__main__`), logs Ember's one-line errors as tracebacks, and polls a
+  dependency every 2 minutes.
 - `ray`: each step is a `datatrove.executor.RayPipelineExecutor` with one task per shard (one task
   for a global step): a placement group per task, a task whose worker dies (killed, preempted,
   out of memory) is resubmitted, completed tasks are marked under `<output_dir>/executor/<step>/`.

@@ -352,7 +352,7 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
         if cfg.executor == "slurm":
             jobs = executors.submit_slurm(cfg, ordered)
             print(f"[data_prep] submitted to Slurm: {', '.join(f'{k} {v}' for k, v in jobs.items())}; "
-                  f"progress: python -m data_prep status --config <this config>")
+                  f"`python -m data_prep status` with this config shows progress")
             return []
         timings = executors.run_ray(cfg, ordered)
         remove_stale_temporaries(cfg.root)  # left by tasks whose worker was killed and retried
@@ -410,6 +410,7 @@ def write_final_report(cfg: PipelineConfig) -> None:
     reports = collect_reports(cfg)
     if not reports:
         raise PipelineError(f"{cfg.root}: not every shard is finished; nothing to report")
+    remove_stale_temporaries(cfg.root)  # left by tasks that were killed and ran again
     write_summary(cfg, reports, {})
 
 
