@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A pipeline config problem; the message is one line that names the key."""
 
 
+def _require_at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(section, key)}")
+
+
 @dataclass
 class SourceConfig:
     """One input. `type` picks where documents come from:
@@ -178,9 +184,7 @@ class MinHashConfig:
     normalize_numbers: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("n_grams", "num_buckets", "hashes_per_bucket"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"dedup.minhash.{key}: must be >= 1, got {getattr(self, key)}")
+        _require_at_least_one(self, "dedup.minhash", ("n_grams", "num_buckets", "hashes_per_bucket"))
 
 
 @dataclass
@@ -232,9 +236,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         # Checked on load, so a run does not filter and dedup a corpus before finding out.
-        for key in ("min_frequency", "train_bytes", "model_max_length"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"tokenizer.{key}: must be >= 1, got {getattr(self, key)}")
+        _require_at_least_one(self, "tokenizer", ("min_frequency", "train_bytes", "model_max_length"))
         if self.num_reserved_tokens < 0:
             raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {self.num_reserved_tokens}")
         specials = self.special_tokens()
@@ -259,9 +261,7 @@ class PackConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("seq_len", "batch_docs", "batch_chars"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"pack.{key}: must be >= 1, got {getattr(self, key)}")
+        _require_at_least_one(self, "pack", ("seq_len", "batch_docs", "batch_chars"))
 
 
 @dataclass
@@ -279,8 +279,7 @@ class RayConfig:
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1:
             raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
-        if self.cpus_per_task < 1:
-            raise ConfigError(f"ray.cpus_per_task: must be >= 1, got {self.cpus_per_task}")
+        _require_at_least_one(self, "ray", ("cpus_per_task",))
         if self.mem_per_cpu_gb <= 0:
             raise ConfigError(f"ray.mem_per_cpu_gb: must be > 0, got {self.mem_per_cpu_gb}")
         if self.workers == 0 or self.workers < -1:
@@ -304,10 +303,7 @@ class SlurmConfig:
     mail_user: str | None = None
 
     def __post_init__(self) -> None:
-        if self.cpus_per_task < 1:
-            raise ConfigError(f"slurm.cpus_per_task: must be >= 1, got {self.cpus_per_task}")
-        if self.mem_per_cpu_gb < 1:
-            raise ConfigError(f"slurm.mem_per_cpu_gb: must be >= 1, got {self.mem_per_cpu_gb}")
+        _require_at_least_one(self, "slurm", ("cpus_per_task", "mem_per_cpu_gb"))
         if self.workers == 0 or self.workers < -1:
             raise ConfigError(f"slurm.workers: must be >= 1 or -1, got {self.workers}")
         if not isinstance(self.sbatch_args, dict):
