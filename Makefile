@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 QUICKSTART_EXTRAS ?= data
-EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed,llamacpp
+EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed,llamacpp,ray
 # The llamacpp extra (llama.cpp's Python binding, for the GGUF tests) compiles llama.cpp on install: about 10
 # CPU-minutes, once; pip caches the wheel. CPU backend, without the multimodal library nothing here uses.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-quickstart quickstart data test test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data test slurm-deps test-gpu test-min-transformers gpu-prep lint clean
 
 install: $(VENV)/.installed-all
 install-quickstart: $(VENV)/.installed-quickstart
@@ -47,8 +47,18 @@ quickstart: install-quickstart
 data: install-quickstart
 	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2
 
-test: install
+test: install slurm-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests
+
+# A one-machine Slurm for tests/test_data_slurm.py (Debian packages; the test starts and stops the daemons).
+# Installed when running as root with apt-get and missing; otherwise those tests are skipped outside CI.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SLURM_PACKAGES) >/dev/null; \
+	else echo "slurm-deps: not root or no apt-get; install $(SLURM_PACKAGES) to run the Slurm tests"; fi
 
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install

@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         setup = prepare(args)
-    except (ValueError, OSError) as err:  # RecipeConfigError is a ValueError too
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError too
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     device, config = setup["device"], setup["config"]

@@ -3,6 +3,9 @@
     python -m data_prep run       --config C.yaml                        all steps, all shards
     python -m data_prep filter    --config C.yaml                        one step (also: dedup, split, tokenizer, pack)
     python -m data_prep run       --config C.yaml --num_shards=64 --shard_index=7   one shard (array jobs)
+    python -m data_prep run       --config C.yaml --executor=ray         the same steps on a Ray cluster
+    python -m data_prep run       --config C.yaml --executor=slurm       submit dependent Slurm array jobs
+    python -m data_prep status    --config C.yaml                        tasks done per step (and Slurm job states)
     python -m data_prep report    --config C.yaml                        print the merged report of a finished run
     python -m data_prep run       --help                                 every key with its default
 
@@ -29,7 +32,8 @@ COMMANDS = {"run": "run every step in order (resumes: finished shards are not re
             "split": "per shard: drop duplicates, route documents to train / validation",
             "tokenizer": "global: train the tokenizer (or copy tokenizer.path) and report compression",
             "pack": "per shard: tokenize and pack into seq_len + 1 blocks",
-            "report": "print the merged report of the finished shards"}
+            "report": "print the merged report of the finished shards",
+            "status": "progress of a run: tasks done and failed per step (and Slurm job states)"}
 
 
 @dataclass
@@ -59,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
             if not reports:
                 raise PipelineError(f"{cfg.root}: no finished run to report on")
             print(format_table(reports))
+            return 0
+        if command == "status":
+            from data_prep.executors import format_progress, progress
+
+            print(format_progress(progress(cfg, list(STEPS))))
             return 0
         for index in options.shard_index:
             if not 0 <= index < cfg.num_shards:

@@ -19,6 +19,12 @@ from cli import ConfigError, parse_args
 KINDS = ("text", "code")  # what a source holds; it picks the filters and cleaning rules
 
 
+def _require_at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(section, key)}")
+
+
 @dataclass
 class SourceConfig:
     """One input. `type` picks where documents come from:
@@ -175,9 +181,7 @@ class MinHashConfig:
     normalize_numbers: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("n_grams", "num_buckets", "hashes_per_bucket"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"dedup.minhash.{key}: must be >= 1, got {getattr(self, key)}")
+        _require_at_least_one(self, "dedup.minhash", ("n_grams", "num_buckets", "hashes_per_bucket"))
 
 
 @dataclass
@@ -197,6 +201,12 @@ class DecontamConfig:
             raise ConfigError(f"decontam.ngram: must be >= 1, got {self.ngram}")
 
 
+# Special tokens after eos and pad, in id order (data_prep/tokenizer.py describes the layout).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+UNK_TOKEN = "<|unk|>"
+
+
 @dataclass
 class TokenizerConfig:
     # An existing tokenizer directory to reuse instead of training one.
@@ -211,6 +221,30 @@ class TokenizerConfig:
     num_reserved_tokens: int = 8
     model_max_length: int = 2048
 
+    def special_tokens(self) -> list[str]:
+        """The special tokens a tokenizer trained with this config has, in id order (id = list index)."""
+        tokens = [self.eos_token, self.pad_token, IM_START, IM_END]
+        if self.fim_tokens:
+            tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
+        tokens += [f"<|reserved_{i}|>" for i in range(max(self.num_reserved_tokens, 0))]
+        if self.model in ("unigram", "wordpiece"):
+            tokens.append(UNK_TOKEN)
+        return tokens
+
+    def __post_init__(self) -> None:
+        # Checked on load, so a run does not filter and dedup a corpus before finding out.
+        _require_at_least_one(self, "tokenizer", ("min_frequency", "train_bytes", "model_max_length"))
+        if self.num_reserved_tokens < 0:
+            raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {self.num_reserved_tokens}")
+        specials = self.special_tokens()
+        if len(set(specials)) != len(specials):
+            raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
+        # Byte-level BPE and byte-fallback Unigram need all 256 bytes plus the special tokens.
+        minimum = len(specials) + (256 if self.model in ("bpe", "unigram") else 1) + 1
+        if self.vocab_size < minimum:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= {minimum} for model {self.model}, "
+                              f"got {self.vocab_size}")
+
 
 @dataclass
 class PackConfig:
@@ -222,6 +256,55 @@ class PackConfig:
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_at_least_one(self, "pack", ("seq_len", "batch_docs", "batch_chars"))
+
+
+@dataclass
+class RayConfig:
+    """`executor: ray`. Every node needs Ember installed and `output_dir` on a shared filesystem."""
+
+    # An existing cluster ("ray://head:10001", "auto"); empty: RAY_ADDRESS, else a local instance.
+    address: str | None = None
+    num_cpus: int | None = None  # CPUs of a local instance (default: all)
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    workers: int = -1  # tasks running at once (-1: as many as the cluster fits)
+    log_to_driver: bool = False  # task logs are in <output_dir>/executor/<step>/logs either way
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
+        _require_at_least_one(self, "ray", ("cpus_per_task",))
+        if self.mem_per_cpu_gb <= 0:
+            raise ConfigError(f"ray.mem_per_cpu_gb: must be > 0, got {self.mem_per_cpu_gb}")
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"ray.workers: must be >= 1 or -1, got {self.workers}")
+
+
+@dataclass
+class SlurmConfig:
+    """`executor: slurm`: sbatch settings of every job (`output_dir` must be on a shared filesystem)."""
+
+    partition: str | None = None
+    time: str = "24:00:00"
+    qos: str | None = None
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    workers: int = -1  # array tasks running at once (-1: no limit)
+    job_name: str = "ember_data"
+    # Shell line that puts the right `python` on PATH in a job; default: this interpreter's directory.
+    env_command: str | None = None
+    sbatch_args: dict[str, str] = field(default_factory=dict)  # e.g. {account: myproject}
+    mail_user: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_at_least_one(self, "slurm", ("cpus_per_task", "mem_per_cpu_gb"))
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"slurm.workers: must be >= 1 or -1, got {self.workers}")
+        if not isinstance(self.sbatch_args, dict):
+            raise ConfigError(f"slurm.sbatch_args: expected a mapping, got {type(self.sbatch_args).__name__}")
 
 
 @dataclass
@@ -243,6 +326,10 @@ class PipelineConfig:
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    # Where tasks run: this machine, a Ray cluster, or Slurm array jobs (data_prep/executors.py).
+    executor: Literal["local", "ray", "slurm"] = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -259,10 +346,13 @@ class PipelineConfig:
                 raise ConfigError(f"sources.{i}.path: a hub source needs a dataset name or folder")
             if source.type == "local" and not source.paths:
                 raise ConfigError(f"sources.{i}.paths: a local source needs at least one path")
+            if source.max_docs is not None and source.max_docs < 1:
+                raise ConfigError(f"sources.{i}.max_docs: must be >= 1 (leave it out for no limit), "
+                                  f"got {source.max_docs}")
+        if self.max_doc_bytes < 1:
+            raise ConfigError(f"max_doc_bytes: must be >= 1, got {self.max_doc_bytes}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
-        if self.pack.seq_len < 1:
-            raise ConfigError(f"pack.seq_len: must be >= 1, got {self.pack.seq_len}")
         for key in ("fim_rate", "fim_spm_rate"):
             if not 0.0 <= getattr(self.pack, key) <= 1.0:
                 raise ConfigError(f"pack.{key}: must be in [0, 1], got {getattr(self.pack, key)}")

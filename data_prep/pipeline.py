@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm.auto import tqdm
 
-from data_prep.config import PackConfig, PipelineConfig, load_config
+from data_prep.config import ConfigError, PackConfig, PipelineConfig, load_config
 from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
-from data_prep.report import StepReport, format_table, load_reports, merge_reports, save_reports
+from data_prep.report import StepReport, accounting, format_table, load_reports, merge_reports, save_reports
 
 if TYPE_CHECKING:
     from data_prep.dedup import Removal
@@ -116,7 +116,7 @@ def filter_shard(cfg: PipelineConfig, index: int) -> Path:
                         mininterval=2, disable=None):
             text: str | None = doc["text"]
             for report, stage in stages:
-                text = _through(report, stage, text, doc["kind"], doc["id"])
+                text = _through(report, stage, text, doc["kind"], doc["id"], doc["source"])
                 if text is None:
                     break
             if text is None:
@@ -135,17 +135,17 @@ def filter_shard(cfg: PipelineConfig, index: int) -> Path:
     return out
 
 
-def _through(report: StepReport, stage, text: str, kind: str, where: str) -> str | None:
+def _through(report: StepReport, stage, text: str, kind: str, where: str, source: str) -> str | None:
     """Run one filter stage on a document, accounting for it; None when the document is removed."""
-    report.seen(text)
+    report.seen(text, source)
     new_text, reason = stage(text, kind)
     if new_text is None or reason:
-        report.remove(reason or "removed", where)
+        report.remove(reason or "removed", where, source=source)
         return None
     if not new_text.strip():
-        report.remove(f"empty_after_{report.step}", where)
+        report.remove(f"empty_after_{report.step}", where, source=source)
         return None
-    report.kept(new_text)
+    report.kept(new_text, source)
     return new_text
 
 
@@ -184,13 +184,13 @@ def _routed(source: Path, removals: dict[int, Removal], fraction: float, split: 
         target = "validation" if is_validation(doc["id"], fraction) else "train"
         if reports:
             dedup, split_report = reports
-            dedup.seen(doc["text"])
+            dedup.seen(doc["text"], doc["source"])
             if position in removals:
-                dedup.remove(removals[position].reason, doc["id"])
+                dedup.remove(removals[position].reason, doc["id"], source=doc["source"])
             else:
-                dedup.kept(doc["text"])
-                split_report.seen(doc["text"])
-                split_report.kept(doc["text"])
+                dedup.kept(doc["text"], doc["source"])
+                split_report.seen(doc["text"], doc["source"])
+                split_report.kept(doc["text"], doc["source"])
                 split_report.extra[f"docs/{target}"] += 1
         if position not in removals and target == split:
             yield doc
@@ -274,6 +274,8 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself
         try:
             tokenizer = train_tokenizer(_round_robin(train_files), cfg.tokenizer, out, used=used)
+        except ConfigError:
+            raise
         except ValueError:
             if used.get("bytes"):
                 raise
@@ -358,6 +360,21 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if shard_indices is None:  # array tasks may be writing beside us otherwise
         remove_stale_temporaries(cfg.root)
     atomic_write_text(cfg.root / RUN_CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.executor != "local" and shard_indices is None:
+        from data_prep import executors
+
+        ordered = [step for step in STEPS if step in steps]
+        if cfg.executor == "slurm":
+            jobs = executors.submit_slurm(cfg, ordered)
+            print(f"[data_prep] submitted to Slurm: {', '.join(f'{k} {v}' for k, v in jobs.items())}; "
+                  f"`python -m data_prep status` with this config shows progress")
+            return []
+        timings = executors.run_ray(cfg, ordered)
+        remove_stale_temporaries(cfg.root)  # left by tasks whose worker was killed and retried
+        reports = collect_reports(cfg)
+        if reports:
+            write_summary(cfg, reports, timings)
+        return reports
     timings = {}
     for step in STEPS:
         if step not in steps:
@@ -422,8 +439,18 @@ def collect_reports(cfg: PipelineConfig) -> list[StepReport]:
     return merge_reports(groups)
 
 
+def write_final_report(cfg: PipelineConfig) -> None:
+    """report.json and report.txt of a run whose steps ran elsewhere (the last Slurm job)."""
+    reports = collect_reports(cfg)
+    if not reports:
+        raise PipelineError(f"{cfg.root}: not every shard is finished; nothing to report")
+    remove_stale_temporaries(cfg.root)  # left by tasks that were killed and ran again
+    write_summary(cfg, reports, {})
+
+
 def write_summary(cfg: PipelineConfig, reports: list[StepReport], timings: dict[str, float]) -> None:
-    summary: dict[str, Any] = {"steps": [r.to_dict() for r in reports], "seconds": timings}
+    summary: dict[str, Any] = {"steps": [r.to_dict() for r in reports], "records": accounting(reports),
+                               "seconds": timings}
     for name in ("tokenizer_report.json", "dedup/plan.json"):
         path = cfg.root / name
         if path.exists():

@@ -58,14 +58,14 @@ from typing import Any
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
 from modeling.tokenizer_config import make_portable
 
-logger = logging.getLogger(__name__)
+IM_START, IM_END, UNK_TOKEN = config.IM_START, config.IM_END, config.UNK_TOKEN
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = config.FIM_PREFIX, config.FIM_MIDDLE, config.FIM_SUFFIX
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
-UNK_TOKEN = "<|unk|>"
+logger = logging.getLogger(__name__)
 
 # GPT-4 / LLaMA-3 style split, except that digits are split one by one (numbers then tokenize the
 # same way whatever their length). Letters keep one leading non-letter (" foo", "_bar"), spaces
@@ -110,31 +110,10 @@ _FINGERPRINT_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model")
 # ---------------------------------------------------------------------------------------------
 
 def special_tokens_for(cfg: TokenizerConfig) -> list[str]:
-    """The special tokens of a tokenizer trained with `cfg`, in id order (id = list index)."""
-    tokens = [cfg.eos_token, cfg.pad_token, IM_START, IM_END]
-    if cfg.fim_tokens:
-        tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
-    tokens += [f"<|reserved_{i}|>" for i in range(cfg.num_reserved_tokens)]
-    if cfg.model in ("unigram", "wordpiece"):
-        tokens.append(UNK_TOKEN)
-    return tokens
+    """The special tokens of a tokenizer trained with `cfg`, in id order (id = list index).
 
-
-def _check_config(cfg: TokenizerConfig, specials: list[str]) -> None:
-    if len(set(specials)) != len(specials):
-        raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
-    if cfg.num_reserved_tokens < 0:
-        raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {cfg.num_reserved_tokens}")
-    if cfg.min_frequency < 1:
-        raise ConfigError(f"tokenizer.min_frequency: must be >= 1, got {cfg.min_frequency}")
-    if cfg.train_bytes < 1:
-        raise ConfigError(f"tokenizer.train_bytes: must be >= 1, got {cfg.train_bytes}")
-    if cfg.model_max_length < 1:
-        raise ConfigError(f"tokenizer.model_max_length: must be >= 1, got {cfg.model_max_length}")
-    # Byte-level BPE and byte-fallback Unigram need all 256 bytes plus the special tokens.
-    minimum = len(specials) + (256 if cfg.model in ("bpe", "unigram") else 1) + 1
-    if cfg.vocab_size < minimum:
-        raise ConfigError(f"tokenizer.vocab_size: must be >= {minimum} for model {cfg.model}, got {cfg.vocab_size}")
+    The config validates itself on construction (vocabulary large enough for them, distinct names)."""
+    return cfg.special_tokens()
 
 
 def _without_surrogates(text: str) -> str:
@@ -265,7 +244,6 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path
     `used`, when given, receives the documents and bytes actually trained on (`docs`, `bytes`).
     """
     specials = special_tokens_for(cfg)
-    _check_config(cfg, specials)
     backend, trainer = _build_backend(cfg, specials)
     counts = used if used is not None else {}
     counts.update(docs=0, bytes=0)

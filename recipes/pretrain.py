@@ -77,11 +77,15 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         if validation is not None and 0 < data_args.max_eval_blocks < len(validation):
             spread = torch.linspace(0, len(validation) - 1, data_args.max_eval_blocks).round().long().tolist()
             validation = torch.utils.data.Subset(validation, spread)
+        if model_args.tp_size > 1 and args.save_strategy != "no" and not args.save_only_model:
+            raise ConfigError("tp_size: the Trainer cannot checkpoint the optimizer state of a model sharded at load "
+                              "time; pass --save_only_model=true (weights only, no resume) or --save_strategy=no")
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len)
         tokenizer.model_max_length = model.config.max_position_embeddings  # saved with the model: its context
-        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-                           * train.seq_len)
+        # Ranks of one tensor-parallel group read the same rows: the data-parallel degree is world_size / tp_size.
+        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                           * (args.world_size // model_args.tp_size) * train.seq_len)
         if run_args.max_tokens:
             args.max_steps = math.ceil(run_args.max_tokens / tokens_per_step)
         if data_args.streaming and args.max_steps <= 0:
@@ -111,6 +115,13 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         print(f"[pretrain] {parameters:,} parameters | {blocks} of "
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
+        if model_args.tp_size > 1:
+            from torch.distributed.tensor import DTensor
+
+            sharded = [n for n, p in model.named_parameters()
+                       if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)]
+            print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
+                  f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
 
     resume = args.resume_from_checkpoint
     if resume == "auto":

@@ -158,7 +158,7 @@ def test_a_data_prep_output_gives_examples_from_train_documents_only(data_dir, t
     assert held_out and report["counts"]["documents"] == len(train_ids)
     for split in ("train", "validation"):
         path = tmp_path / "a" / f"{split}.jsonl"
-        assert len(read_conversations(path)) == report[split]  # the format modeling.finetune reads
+        assert len(read_conversations(path)) == report[split]  # the format training.finetune reads
         for record in map(json.loads, path.open()):
             document = record["id"].rsplit("#", 1)[0]
             assert document in train_ids and document not in held_out

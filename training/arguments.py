@@ -61,6 +61,9 @@ class ModelArguments:
     model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this checkpoint"})
     attn_implementation: str = "sdpa"
+    tp_size: int = field(default=1, metadata={
+        "help": "tensor-parallel ranks per model replica (the config's base_model_tp_plan); the other "
+                "world_size / tp_size ranks shard the data (FSDP2)"})
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,10 +57,36 @@ def build_model(model_args: ModelArguments, tokenizer, seq_len: int) -> EmberFor
     if model.config.max_position_embeddings < seq_len:
         raise ConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
                           f"the shards' seq_len {seq_len}")
+    if model_args.tp_size > 1:
+        model = tensor_parallel(model, model_args)
     model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
     return model
+
+
+def tensor_parallel(model: EmberForCausalLM, model_args: ModelArguments) -> EmberForCausalLM:
+    """The model reloaded through transformers' `DistributedConfig`: its `base_model_tp_plan` over `tp_size` ranks,
+    FSDP2 over the world_size / tp_size data-parallel ranks. The Trainer then hands accelerate the matching
+    `ParallelismConfig(tp_size, dp_shard_size)`. Every rank built the same seeded weights, so each reloads its
+    own copy (no shared filesystem needed)."""
+    from safetensors.torch import save_model
+    from transformers.distributed.configuration_utils import DistributedConfig
+
+    tp, world = model_args.tp_size, int(os.environ.get("WORLD_SIZE", "1"))
+    config = model.config
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(config, key) % tp:
+            raise ConfigError(f"tp_size: {tp} does not divide {key} ({getattr(config, key)})")
+    if world % tp:
+        raise ConfigError(f"tp_size: {tp} does not divide the {world} ranks of this launch")
+    distributed = DistributedConfig(tp_size=tp, fsdp_size=world // tp)
+    with tempfile.TemporaryDirectory(prefix="ember-tp-") as tmp:
+        # Written by every rank into its own folder (save_pretrained writes on rank 0 only).
+        model.config.save_pretrained(tmp)
+        save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        return EmberForCausalLM.from_pretrained(tmp, distributed_config=distributed,
+                                                attn_implementation=model_args.attn_implementation)
 
 
 def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingArguments) -> StreamingPackedDataset:
