@@ -63,8 +63,13 @@ def finish(process: subprocess.Popen, output_dir: Path) -> list[str]:
     return stdout.splitlines()
 
 
+def is_training_log(line: str) -> bool:
+    """A periodic training log as the recipe prints it: `step 3/8 | loss 5.123 | ...`."""
+    return line.startswith("step ") and "| loss " in line
+
+
 def training_log_lines(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.startswith("{'loss'")]
+    return [line for line in lines if is_training_log(line)]
 
 
 def hard_kill(process: subprocess.Popen) -> None:
@@ -99,7 +104,7 @@ def test_killed_run_resumes_bitwise_and_skips_a_half_written_checkpoint(data_dir
     process = start_ddp_run(data_dir, out)
     steps_logged = 0
     for line in process.stdout:
-        steps_logged += line.startswith("{'loss'")
+        steps_logged += is_training_log(line)
         if steps_logged == KILL_AFTER_STEP:
             hard_kill(process)
             break
