@@ -20,14 +20,23 @@ def _data_prep(env, *args) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, timeout=300)
 
 
+def _queued(env) -> str:
+    """This user's queued or running Ember jobs, "name STATE" per line."""
+    queue = subprocess.run(["squeue", "-h", "--me", "-o", "%j %T"], env=env, capture_output=True, text=True).stdout
+    return "\n".join(line for line in queue.splitlines() if "ember_data" in line)
+
+
 def _wait_for_report(env, config: Path, output: Path, timeout: float = 600) -> str:
+    """Until the report is written and the chain has left the queue: the report step's job (and the
+    stats-merging job datatrove queues after each step) may still be running when report.json appears."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = _data_prep(env, "status", "--config", str(config))
-        if (output / "report.json").exists():
+        if (output / "report.json").exists() and not _queued(env):
             return _data_prep(env, "status", "--config", str(config)).stdout
         time.sleep(2)
-    raise AssertionError(f"the Slurm chain did not finish in {timeout} s:\n{status.stdout}{status.stderr}")
+    raise AssertionError(f"the Slurm chain did not finish in {timeout} s:\n{status.stdout}{status.stderr}\n"
+                         f"{_queued(env)}")
 
 
 def _write_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
@@ -90,8 +99,6 @@ def test_a_killed_slurm_task_is_resubmitted_and_finished_shards_are_kept(slurm, 
     # A second run cancels the stuck chain, resubmits and finishes; shard 0 is not redone.
     again = _data_prep(slurm, "run", "--config", str(config))
     assert again.returncode == 0, again.stderr[-3000:]
-    _wait_for_report(slurm, config, output)
+    _wait_for_report(slurm, config, output)  # times out if the stuck first chain were left pending
     assert shard0.stat().st_mtime_ns == kept
     assert every_output(output) == every_output(small_local_run.root)
-    leftover = subprocess.run(["squeue", "-h", "--me", "-o", "%j %T"], env=slurm, capture_output=True, text=True)
-    assert "ember_data" not in leftover.stdout, leftover.stdout
