@@ -11,6 +11,7 @@ safetensors, config with `auto_map` and the model code, the tokenizer, a generat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ from training.arguments import (
     parse_training_args,
 )
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import latest_complete_checkpoint
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
 from training.trainer import PretrainingTrainer, collate_packed
@@ -53,6 +54,7 @@ def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
         model_args, data_args, run_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
                                                       config=config, overrides=overrides)
@@ -100,10 +102,26 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
               f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
 
-    resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = latest_complete_checkpoint(args.output_dir)  # a kill mid-save leaves an incomplete one
-    result = trainer.train(resume_from_checkpoint=resume)
+    run = contextlib.ExitStack()  # held to the end: the final save and reports belong to this run too
+    try:
+        # One run per output folder: a second one (or the ranks of a killed launch still running) is refused.
+        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
+        # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        result = trainer.train(resume_from_checkpoint=resume)
+    except ConfigError as err:  # a broken checkpoint named for resuming, a full disk, a busy output folder
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, guard, model_args, data_args, run_args, validation, train.seq_len,
+                       tokens_per_step, peak)
+
+
+def _finish(trainer: PretrainingTrainer, result, guard: NonFiniteGuardCallback, model_args: ModelArguments,
+            data_args: DataArguments, run_args: PretrainingArguments, validation, seq_len: int, tokens_per_step: int,
+            peak: float | None) -> int:
+    """After training: final metrics and evaluation, the final model folder, the reports, the Hub upload."""
+    args = trainer.args
     if guard.stop_reason:
         return report_error(guard.stop_reason, status=1)
 
@@ -123,7 +141,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
     trainer.save_state()  # trainer_state.json: the log history and step count next to the weights
     if trainer.is_world_process_zero():
-        write_reports(trainer, model_args, data_args, run_args, train.seq_len, tokens_per_step, peak, metrics)
+        write_reports(trainer, model_args, data_args, run_args, seq_len, tokens_per_step, peak, metrics)
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():

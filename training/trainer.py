@@ -13,6 +13,7 @@ Typical wiring (what `recipes/pretrain.py` does)::
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -21,8 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from cli import ConfigError
+from training.checkpoints import save_failure
 from training.optim import decay_parameter_names
 
 STREAM_STATE_FILE = "stream_state_{rank}.json"
@@ -59,6 +63,7 @@ class PretrainingTrainer(Trainer):
                 raise ValueError("dataloader_num_workers: must be 0 for a streaming train dataset (its resume state "
                                  "lives in the main process)")
             self.args.ignore_data_skip = True  # the stream's own state replaces skip-by-re-reading
+        self.add_callback(_ProgressCallback(self))
 
     def get_train_dataloader(self) -> DataLoader:
         if not is_rank_stream(self.train_dataset):
@@ -74,7 +79,7 @@ class PretrainingTrainer(Trainer):
         if is_rank_stream(self.train_dataset):
             path = self._stream_state_path(output_dir)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.train_dataset.state_dict()))
+            path.write_text(json.dumps({**self.train_dataset.state_dict(), "world_size": self.args.world_size}))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
@@ -83,7 +88,35 @@ class PretrainingTrainer(Trainer):
             if not path.is_file():
                 raise ValueError(f"{path}: missing; resume a streaming run from a checkpoint of a streaming run "
                                  f"with the same number of ranks ({self.args.world_size})")
-            self.train_dataset.load_state_dict(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
+            # Each rank's stream is its own share of the documents: another number of ranks would split them
+            # differently, and the saved positions would no longer say where any share stands.
+            saved_ranks = len(list(Path(checkpoint).glob(STREAM_STATE_FILE.format(rank="*"))))
+            saved_world = state.get("world_size", saved_ranks)
+            if saved_world != self.args.world_size or saved_ranks != self.args.world_size:
+                raise ConfigError(f"resume_from_checkpoint: {checkpoint} holds the streams of {saved_world} ranks "
+                                  f"and this run has {self.args.world_size}; resume a streaming run with the "
+                                  "same number of processes")
+            self.train_dataset.load_state_dict(state)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            return super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as err:  # torch.save's writer reports a full disk as a RuntimeError
+            failed = err
+        # The tracebacks keep the failed writer and its open file alive, and with it the space of the file.
+        chained: BaseException | None = failed
+        while chained is not None:
+            chained.__traceback__ = None
+            chained = chained.__context__
+        gc.collect()
+        # Weights plus AdamW's two moments: what a checkpoint holds, when no earlier one shows its size.
+        estimate = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+        failure = save_failure(failed, self.args.output_dir, folder, estimate)
+        if failure is None:
+            raise failed
+        raise failure from None
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         return decay_parameter_names(model)
@@ -122,6 +155,21 @@ class PretrainingTrainer(Trainer):
                     logs.update(callback.training_log_metrics())
         super().log(logs, start_time)
 
+
+class _ProgressCallback(TrainerCallback):
+    """Keeps the logged `epoch` meaningful across resumes.
+
+    For a stream (no length) the Trainer's epoch is the fraction of `max_steps` done, counted from the
+    micro-batches of the current `train()` call; a resumed run, which cannot skip batches of a stream, would
+    count from zero again. Set from the step count instead, it equals the uninterrupted run's value exactly.
+    """
+
+    def __init__(self, trainer: PretrainingTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if is_rank_stream(self.trainer.train_dataset) and state.max_steps > 0:
+            state.epoch = state.global_step / state.max_steps
 
 
 def collate_packed(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
