@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         return report_error(err)
 
     collator = InstructionCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = finetuning_trainer(model, args, train, collator, tokenizer)
+    trainer = finetuning_trainer(model, args, train, collator, tokenizer, optimizer_options=lora_args)
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     counts = parameter_counts(model)
     if trainer.is_world_process_zero():

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     peak = device_peak_flops(run_args.peak_flops)
     guard = NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)
     trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collate_packed, processing_class=tokenizer,
+                                 data_collator=collate_packed, processing_class=tokenizer, optimizer_options=run_args,
                                  callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
     if trainer.is_world_process_zero():
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"

@@ -75,7 +75,36 @@ class DataArguments:
 
 
 @dataclass
-class PretrainingArguments:
+class OptimizerArguments:
+    """Which optimizer takes the hidden weight matrices (training/muon.py); the rest always get AdamW."""
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (the Trainer's own, `optim` picks its kernel) or muon (Muon on hidden matrices, AdamW on "
+                "embeddings, head, norms, biases)"})
+    muon_learning_rate: float | None = field(default=None, metadata={
+        "help": "Muon's peak learning rate; default learning_rate (right for muon_lr_scaling=match_rms_adamw)"})
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_lr_scaling: str = field(default="match_rms_adamw", metadata={
+        "help": "match_rms_adamw: lr x 0.2 sqrt(max(m, n)) (Moonlight); original: lr x sqrt(max(1, m/n))"})
+    muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
+
+    def __post_init__(self):
+        from training.muon import LR_SCALINGS, OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.muon_lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"muon_lr_scaling: must be one of {', '.join(LR_SCALINGS)}, got {self.muon_lr_scaling!r}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
+            raise ValueError(f"muon_learning_rate: must be > 0, got {self.muon_learning_rate}")
+        if self.muon_ns_steps < 1:
+            raise ValueError(f"muon_ns_steps: must be >= 1, got {self.muon_ns_steps}")
+
+
+@dataclass
+class PretrainingArguments(OptimizerArguments):
     max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
     min_lr_ratio: float = 0.1
@@ -103,7 +132,7 @@ class BaseModelArguments:
 
 
 @dataclass
-class LoraArguments:
+class LoraArguments(OptimizerArguments):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
 from modeling.loading import adapter_base, load_model
+from training.muon import OptimizerChoiceMixin
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -242,12 +243,22 @@ def add_lora(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
+class FinetuningTrainer(OptimizerChoiceMixin, Trainer):
+    """The HF Trainer, with `optimizer_options.optimizer: muon` building Muon + AdamW (training/muon.py)."""
+
+    def __init__(self, *args, optimizer_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_options = optimizer_options
+
+
 def finetuning_trainer(model: PeftModel, args: TrainingArguments, train_dataset: InstructionDataset,
-                       collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase) -> Trainer:
-    """The HF Trainer over the adapter model and the instruction data (loss on response tokens only)."""
+                       collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase,
+                       optimizer_options=None) -> Trainer:
+    """The HF Trainer over the adapter model and the instruction data (loss on response tokens only);
+    `optimizer_options` (an `OptimizerArguments`) chooses AdamW or Muon."""
     args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
-    return Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                   processing_class=tokenizer)
+    return FinetuningTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                             processing_class=tokenizer, optimizer_options=optimizer_options)
 
 
 def parameter_counts(model: PeftModel) -> dict[str, Any]:

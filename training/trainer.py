@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cli import ConfigError
 from training.checkpoints import save_failure
+from training.muon import OptimizerChoiceMixin
 from training.optim import decay_parameter_names
 
 STREAM_STATE_FILE = "stream_state_{rank}.json"
@@ -38,11 +39,12 @@ def is_rank_stream(dataset: Any) -> bool:
             and hasattr(dataset, "load_state_dict"))
 
 
-class PretrainingTrainer(Trainer):
+class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
     """The HF Trainer with Ember's weight-decay split (`decay_parameter_names`) and callback metrics in its logs.
 
     The Trainer builds the optimizer itself (`args.optim`, fused AdamW where available), so this works
-    the same under DDP, FSDP (which refuses a ready-made optimizer) and DeepSpeed.
+    the same under DDP, FSDP (which refuses a ready-made optimizer) and DeepSpeed. With
+    `optimizer_options.optimizer == "muon"` it builds Muon + AdamW instead (training/muon.py).
 
     Each periodic training log (the one with "loss") also gets the metrics of every callback that has a
     `training_log_metrics()` method (`ThroughputCallback`, `NonFiniteGuardCallback`), added before the log
@@ -56,8 +58,9 @@ class PretrainingTrainer(Trainer):
     it instead of re-reading and dropping the consumed batches.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, optimizer_options=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.optimizer_options = optimizer_options  # an OptimizerArguments (training/arguments.py), or None: AdamW
         if is_rank_stream(self.train_dataset):
             if self.args.dataloader_num_workers:
                 raise ValueError("dataloader_num_workers: must be 0 for a streaming train dataset (its resume state "
