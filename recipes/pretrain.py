@@ -35,10 +35,13 @@ from training.arguments import (
     PretrainingArguments,
     parse_training_args,
 )
+from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
 from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
+from training.data_order import BatchRamp
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
+from training.spikes import DataState, LossSpikeCallback, train_with_rollbacks
 from training.trainer import PretrainingTrainer, collate_packed
 
 SCHEMAS = (ModelArguments, DataArguments, PretrainingArguments, TrainingArguments)
@@ -75,10 +78,16 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         model = build_model(model_args, tokenizer, train.seq_len)
         tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
                            * train.seq_len)
-        if run_args.max_tokens:
+        step_micro_batches = None
+        if run_args.batch_size_warmup_tokens:
+            step_micro_batches = batch_ramp_schedule(run_args, args, train.seq_len)
+        elif run_args.max_tokens:
             args.max_steps = math.ceil(run_args.max_tokens / tokens_per_step)
         if data_args.streaming and args.max_steps <= 0:
             raise ConfigError("max_steps: a streaming run needs max_steps (or max_tokens); a stream has no length")
+        if run_args.loss_spike_zscore and args.save_strategy == "no":
+            raise ConfigError("loss_spike_zscore: a rollback needs checkpoints to go back to; set save_strategy "
+                              "and save_steps")
         scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(run_args.schedule, run_args.min_lr_ratio,
                                                                   max_steps=args.max_steps)
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -90,16 +99,38 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
 
     flops = sizing.flops_per_token(model.config, train.seq_len)
     peak = device_peak_flops(run_args.peak_flops)
-    guard = NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)
-    trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collate_packed, processing_class=tokenizer, optimizer_options=run_args,
-                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
-    if trainer.is_world_process_zero():
+    micro_tokens = tokens_per_step // args.gradient_accumulation_steps
+    step_tokens = (lambda step: tokens_per_step) if step_micro_batches is None else (
+        lambda step: micro_tokens * step_micro_batches[min(step, len(step_micro_batches)) - 1])
+    total_tokens = tokens_per_step * args.max_steps if step_micro_batches is None else (
+        micro_tokens * sum(step_micro_batches))
+
+    def make_trainer(data_state: DataState) -> PretrainingTrainer:
+        nonlocal model
+        if model is None:  # a rollback: a fresh model (the checkpoint's weights load into it), nothing of the old one
+            set_seed(args.seed)
+            model = build_model(model_args, tokenizer, train.seq_len)
+        built, model = model, None
+        return PretrainingTrainer(
+            model=built, args=args, train_dataset=train, eval_dataset=validation, data_collator=collate_packed,
+            processing_class=tokenizer, optimizer_options=run_args, z_loss=run_args.z_loss,
+            step_micro_batches=step_micro_batches, data_state=data_state,
+            loss_spikes=(LossSpikeCallback(run_args.loss_spike_zscore, run_args.loss_spike_window,
+                                           run_args.loss_spike_skip_ahead)
+                         if run_args.loss_spike_zscore else None),
+            ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
+            callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
+                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)])
+
+    if args.process_index == 0:
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
         # ZeRO-3 builds the model already partitioned: each parameter keeps its full size in ds_numel
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        batch = f"{tokens_per_step:,} tokens/step" if step_micro_batches is None else (
+            f"{step_tokens(1):,} -> {tokens_per_step:,} tokens/step over {run_args.batch_size_warmup_tokens:,.0f} "
+            f"tokens ({total_tokens:,} tokens)")
         print(f"[pretrain] {parameters:,} parameters | {blocks} of "
-              f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
+              f"{train.seq_len} | {batch} | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
 
     run = contextlib.ExitStack()  # held to the end: the final save and reports belong to this run too
@@ -108,20 +139,43 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
         # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
         resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        result = trainer.train(resume_from_checkpoint=resume)
-    except ConfigError as err:  # a broken checkpoint named for resuming, a full disk, a busy output folder
+        # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+        trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+    except ConfigError as err:  # a broken checkpoint, a full disk, a busy output folder, too many rollbacks
         run.close()
         return report_error(err)
     with run:
-        return _finish(trainer, result, guard, model_args, data_args, run_args, validation, train.seq_len,
-                       tokens_per_step, peak)
+        return _finish(trainer, result, model_args, data_args, run_args, validation, train.seq_len,
+                       tokens_per_step, total_tokens, peak)
 
 
-def _finish(trainer: PretrainingTrainer, result, guard: NonFiniteGuardCallback, model_args: ModelArguments,
-            data_args: DataArguments, run_args: PretrainingArguments, validation, seq_len: int, tokens_per_step: int,
+def batch_ramp_schedule(run_args: PretrainingArguments, args: TrainingArguments, seq_len: int) -> list[int]:
+    """Micro-batches of each step under `batch_size_warmup_tokens`; sets `args.max_steps` to their number."""
+    micro_tokens = args.per_device_train_batch_size * args.world_size * seq_len
+    ramp = BatchRamp(micro_tokens, args.gradient_accumulation_steps,
+                     int(run_args.batch_size_warmup_start_tokens), int(run_args.batch_size_warmup_tokens))
+    if args.gradient_accumulation_steps < 2:
+        raise ConfigError("batch_size_warmup_tokens: the batch grows by gradient accumulation; set "
+                          "gradient_accumulation_steps to the full batch's micro-batches (2 or more)")
+    if run_args.batch_size_warmup_start_tokens > ramp.full_tokens:
+        raise ConfigError(f"batch_size_warmup_start_tokens: {run_args.batch_size_warmup_start_tokens:,.0f} tokens is "
+                          f"more than the full batch ({ramp.full_tokens:,} tokens per step)")
+    steps = (ramp.schedule(max_tokens=int(run_args.max_tokens)) if run_args.max_tokens
+             else ramp.schedule(max_steps=args.max_steps))
+    total = micro_tokens * sum(steps)
+    if run_args.batch_size_warmup_tokens >= total:
+        raise ConfigError(f"batch_size_warmup_tokens: {run_args.batch_size_warmup_tokens:,.0f} tokens is not shorter "
+                          f"than the run ({total:,} tokens)")
+    args.max_steps = len(steps)
+    return steps
+
+
+def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, data_args: DataArguments,
+            run_args: PretrainingArguments, validation, seq_len: int, tokens_per_step: int, total_tokens: int,
             peak: float | None) -> int:
     """After training: final metrics and evaluation, the final model folder, the reports, the Hub upload."""
     args = trainer.args
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuardCallback))
     if guard.stop_reason:
         return report_error(guard.stop_reason, status=1)
 
@@ -139,14 +193,19 @@ def _finish(trainer: PretrainingTrainer, result, guard: NonFiniteGuardCallback, 
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
+    if trainer.ema is not None:  # the averaged weights as a model folder of their own, next to the final ones
+        with trainer.ema.swapped_in():
+            trainer.save_model(str(Path(args.output_dir) / "ema"))
     trainer.save_state()  # trainer_state.json: the log history and step count next to the weights
     if trainer.is_world_process_zero():
-        write_reports(trainer, model_args, data_args, run_args, seq_len, tokens_per_step, peak, metrics)
+        write_reports(trainer, model_args, data_args, run_args, seq_len, tokens_per_step, total_tokens, peak,
+                      metrics)
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
             upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
-                          commit_message="Ember pretraining: final model", ignore_patterns=["checkpoint-*"])
+                          commit_message="Ember pretraining: final model",
+                          ignore_patterns=["checkpoint-*", "run.lock"])
     return 0
 
 

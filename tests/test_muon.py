@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, tiny_model
 from transformers import TrainingArguments
 
 from cli import ConfigError
@@ -27,13 +27,8 @@ from training.trainer import PretrainingTrainer, collate_packed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
-NANO_CPU = REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
 SHIM_DIR = Path(__file__).resolve().parent / "cpu_sharding_shim"
-SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
-              "num_attention_heads: 4, num_key_value_heads: 2}"
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -180,7 +175,7 @@ def test_bad_optimizer_settings_are_one_line_errors():
 
 def launch(tier: str, data_dir: Path, output_dir: Path, *extra: str, sharding: str = "") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_DIR / tier),
-               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0", str(RECIPE),
+               "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0", str(PRETRAIN_RECIPE),
                "--config", str(NANO_CPU), f"--data_dir={data_dir}", f"--output_dir={output_dir}", SMALL_MODEL,
                "--optimizer=muon", "--max_steps=6", "--save_steps=3", "--logging_steps=1", "--eval_strategy=no",
                "--per_device_train_batch_size=2", "--warmup_steps=1", "--disable_tqdm=true", *extra]

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import recipe_error
+from conftest import CPU_DDP, NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, recipe_error
 from transformers import TrainingArguments
 
 from cli import ConfigError
@@ -30,12 +30,6 @@ from training.checkpoints import (
 )
 from training.trainer import PretrainingTrainer, collate_packed
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
-NANO_CPU = REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"
-CPU_DDP = REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml"
-SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
-              "num_attention_heads: 4, num_key_value_heads: 2}"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
        "PYTHONUNBUFFERED": "1"}
 
@@ -43,9 +37,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 def recipe_command(data_dir: Path, output_dir: Path, *extra: str, ranks: int = 1) -> list[str]:
     launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP)] if ranks == 2
               else [sys.executable])
-    return [*launch, str(RECIPE), "--config", str(NANO_CPU), f"--data_dir={data_dir}", f"--output_dir={output_dir}",
-            SMALL_MODEL, "--eval_strategy=no", "--per_device_train_batch_size=2", "--logging_steps=1",
-            "--warmup_steps=1", "--disable_tqdm=true", *extra]
+    return [*launch, str(PRETRAIN_RECIPE), "--config", str(NANO_CPU), f"--data_dir={data_dir}",
+            f"--output_dir={output_dir}", SMALL_MODEL, "--eval_strategy=no", "--per_device_train_batch_size=2",
+            "--logging_steps=1", "--warmup_steps=1", "--disable_tqdm=true", *extra]
 
 
 def run_recipe(*command: str) -> subprocess.CompletedProcess:

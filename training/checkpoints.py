@@ -151,8 +151,9 @@ def checkpoint_problem(checkpoint: str | os.PathLike) -> str | None:
     return None
 
 
-def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` folder in `output_dir` that a resume can trust, or None if there is none.
+def latest_complete_checkpoint(output_dir: str | os.PathLike, before_step: int | None = None) -> str | None:
+    """The newest `checkpoint-N` folder in `output_dir` that a resume can trust (with N < `before_step` if
+    given), or None if there is none.
 
     For `--resume_from_checkpoint=auto`, in place of `transformers.trainer_utils.get_last_checkpoint`,
     which goes by the folder name alone. The Trainer writes a checkpoint in place, not to a staging folder
@@ -174,7 +175,7 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     candidates = []
     for entry in folder.iterdir():
         match = _CHECKPOINT_NAME.match(entry.name)
-        if match and entry.is_dir():
+        if match and entry.is_dir() and (before_step is None or int(match.group(1)) < before_step):
             candidates.append((int(match.group(1)), entry))
     for _, checkpoint in sorted(candidates, reverse=True):
         problem = checkpoint_problem(checkpoint)
