@@ -90,6 +90,8 @@ class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
         if loss_spikes is not None:
             loss_spikes.step_loss = self._pop_step_loss
         self.add_callback(_ProgressCallback(self))
+        if self.args.torch_compile:
+            prepare_for_compile(self.model)
 
     @property
     def orders_blocks(self) -> bool:
@@ -281,6 +283,19 @@ class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
                 logs["z_loss"] = float(self._z_sum / self._z_count)
                 self._z_sum, self._z_count = 0.0, 0
         super().log(logs, start_time)
+
+
+def prepare_for_compile(model: nn.Module) -> None:
+    """Let `torch.compile(fullgraph=True)` trace a training step of `model` without a graph break.
+
+    An MoE model records its router logits for the load-balancing loss through transformers' output-capturing
+    hooks, which it installs on the first forward that needs them, under a `threading.Lock` that dynamo cannot
+    enter. Installed beforehand, the compiled step finds them in place. Dense models need nothing.
+    """
+    from transformers.utils.output_capturing import maybe_install_capturing_hooks
+
+    if getattr(model.config, "is_moe", False):
+        maybe_install_capturing_hooks(model.base_model)
 
 
 class _ProgressCallback(TrainerCallback):
