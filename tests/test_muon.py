@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, tiny_model
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 from transformers import TrainingArguments
 
 from cli import ConfigError
@@ -67,23 +68,34 @@ def test_moe_experts_are_orthogonalised_one_expert_at_a_time_and_the_router_stay
 
 
 def test_a_muon_step_is_torch_muons_step_and_the_adamw_step_is_adamws():
+    """On CPU the Newton-Schulz iteration runs in float32 instead of torch's bfloat16: the same steps up to
+    bfloat16's rounding. Everything else (momentum, Nesterov, shape scaling, decoupled decay) is torch's."""
     torch.manual_seed(0)
+    x = torch.randn(48, 16)
+    ours = orthogonalize(x)
+    theirs = _zeropower_via_newtonschulz(x, (DEFAULT_A, DEFAULT_B, DEFAULT_C), 5, EPS).float()
+    assert ours.dtype == torch.float32 and (ours - theirs).abs().max() < 0.02 < ours.abs().max()
+
     hidden, head = torch.nn.Parameter(torch.randn(32, 16)), torch.nn.Parameter(torch.randn(16))
     reference = [p.detach().clone().requires_grad_() for p in (hidden, head)]
-    ours = MuonWithAdamW([{"params": [hidden], "muon": True, "lr": 0.02, "weight_decay": 0.1, "momentum": 0.95,
+    muon = MuonWithAdamW([{"params": [hidden], "muon": True, "lr": 0.02, "weight_decay": 0.1, "momentum": 0.95,
                            "nesterov": True, "ns_steps": 5, "lr_scaling": "match_rms_adamw"},
                           {"params": [head], "lr": 1e-3, "weight_decay": 0.0}], betas=(0.9, 0.95), lr=1e-3)
     torch_muon = torch.optim.Muon([reference[0]], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True,
                                   adjust_lr_fn="match_rms_adamw")
     torch_adamw = torch.optim.AdamW([reference[1]], lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    start = hidden.detach().clone()
     for _ in range(3):
         grads = torch.randn(32, 16), torch.randn(16)
         for p, g in zip((hidden, head, *reference), grads * 2):
             p.grad = g.clone()
-        ours.step()
+        muon.step()
         torch_muon.step()
         torch_adamw.step()
-    assert torch.equal(hidden, reference[0]) and torch.equal(head, reference[1])
+    assert torch.equal(head, reference[1])  # AdamW's half is AdamW
+    step_size = 0.02 * 0.2 * math.sqrt(32)  # match_rms_adamw: lr x 0.2 sqrt(max(m, n)) per orthogonal update
+    assert (hidden - start).abs().max() > step_size * 0.1  # the weights moved by about a step per step ...
+    assert (hidden - reference[0]).abs().max() < 3 * step_size * 0.02  # ... as torch's Muon moves them
 
 
 def test_skipped_step_leaves_weights_and_state_alone_and_state_round_trips():
