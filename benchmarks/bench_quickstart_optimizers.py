@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quickstart_dir", type=Path, default=REPO_ROOT / "outputs" / "quickstart")
     parser.add_argument("--quickstart_config", type=Path, default=QUICKSTART_CONFIG)
     parser.add_argument("--seconds", type=float, default=170.0, help="training time of every arm")
+    parser.add_argument("--reference_steps", type=int, default=None,
+                        help="instead of --seconds: the first optimizer's steps; the others get as many steps as "
+                             "fit in its time by the measured step-time ratio (robust to a busy machine)")
     parser.add_argument("--optimizers", default="adamw,muon")
     parser.add_argument("--learning_rates", default="1e-3,2e-3,4e-3")
     parser.add_argument("--pretrain_overrides", default="{}", help="YAML mapping over the quickstart's overrides")
@@ -110,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. Step time of each optimizer, side by side.
     calibration: dict[str, list[float]] = {name: [] for name in optimizers}
-    for _ in range(args.calibration_rounds):
+    rounds = 0 if args.reference_steps and len(optimizers) == 1 else args.calibration_rounds
+    if not rounds:
+        calibration = {optimizers[0]: [args.seconds / args.reference_steps]}
+    for _ in range(rounds):
         for name in optimizers:
             steps = args.calibration_steps + 2
             state = pretrain(config, {**base, "optimizer": name, "max_steps": steps, "warmup_steps": 1,
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                                * PackedDataset(data_dir / "tokens" / "train").seq_len)
             calibration[name].append(step_seconds(state, tokens_per_step))
     seconds_per_step = {name: statistics.median(times) for name, times in calibration.items()}
+    if args.reference_steps:  # the budget: the first optimizer's reference_steps at its measured step time
+        args.seconds = args.reference_steps * seconds_per_step[optimizers[0]]
     print("step seconds:", {name: round(value, 4) for name, value in seconds_per_step.items()}, flush=True)
 
     # 2. The sweep at equal wall time.
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for lr in learning_rates:
         for name in optimizers:
-            max_steps = max(10, round(args.seconds / seconds_per_step[name]))
+            max_steps = (args.reference_steps if args.reference_steps and name == optimizers[0]
+                         else max(10, round(args.seconds / seconds_per_step[name])))
             save_steps = max(1, max_steps // 10)
             out = work / f"{name}_lr{lr:g}"
             started = time.perf_counter()
