@@ -34,7 +34,8 @@ def corrupt_copy(data_dir: Path, out: Path, blocks: tuple[int, int], seed: int =
     tokens = np.memmap(shard.with_suffix(".bin"), dtype=np.dtype(metadata["dtype"]), mode="r+",
                        shape=(metadata["num_tokens"],))
     seq_len = metadata["seq_len"]
-    start, end = blocks[0] * seq_len, blocks[1] * seq_len + 1
+    # Block i is tokens [i x seq_len, (i + 1) x seq_len]: from the second token of `first` on, only bad blocks change.
+    start, end = blocks[0] * seq_len + 1, blocks[1] * seq_len + 1
     tokens[start:end] = np.random.default_rng(seed).integers(0, metadata["vocab_size"], end - start)
     tokens.flush()
     return out
