@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, tiny_model
+from safetensors.torch import load_file
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 from transformers import TrainingArguments
 
@@ -206,10 +207,20 @@ def logged(output_dir: Path, step: int = 6) -> list[dict]:
 
 
 def test_muon_on_two_ranks_ddp_and_fsdp2_agree_and_fsdp2_resumes_exactly(data_dir, tmp_path):
-    ddp = launch("cpu_ddp.yaml", data_dir, tmp_path / "ddp")
+    """Also the EMA under both: one ema_state.pt under DDP, one per rank under FSDP2, and a resumed FSDP2 run
+    continues the same average."""
+    ddp = launch("cpu_ddp.yaml", data_dir, tmp_path / "ddp", "--ema_decay=0.9")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp = launch("fsdp2.yaml", data_dir, tmp_path / "fsdp", sharding="fsdp")
+    fsdp = launch("fsdp2.yaml", data_dir, tmp_path / "fsdp", "--ema_decay=0.9", sharding="fsdp")
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-6").glob("ema_state*")) == ["ema_state.pt"]
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-6").glob("ema_state*")) == [
+        "ema_state_0.pt", "ema_state_1.pt"]
+    ddp_ema, fsdp_ema = (load_file(tmp_path / run / "ema" / "model.safetensors") for run in ("ddp", "fsdp"))
+    for run, ema in (("ddp", ddp_ema), ("fsdp", fsdp_ema)):  # saved like the final model (FSDP keeps tied keys)
+        assert sorted(ema) == sorted(load_file(tmp_path / run / "model.safetensors")), run
+    for name, tensor in ddp_ema.items():
+        torch.testing.assert_close(fsdp_ema[name], tensor, rtol=0, atol=2e-3)  # the gathered shards: the same EMA
     # FSDP2 really sharded the matrices (one optimizer shard per rank) ...
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-6" / "optimizer_0").iterdir()) == [
         ".metadata", "__0_0.distcp", "__1_0.distcp"]
@@ -222,9 +233,12 @@ def test_muon_on_two_ranks_ddp_and_fsdp2_agree_and_fsdp2_resumes_exactly(data_di
 
     resumed = tmp_path / "fsdp_resumed"
     shutil.copytree(tmp_path / "fsdp" / "checkpoint-3", resumed / "checkpoint-3")
-    again = launch("fsdp2.yaml", data_dir, resumed, "--resume_from_checkpoint=auto", sharding="fsdp")
+    again = launch("fsdp2.yaml", data_dir, resumed, "--resume_from_checkpoint=auto", "--ema_decay=0.9",
+                   sharding="fsdp")
     assert again.returncode == 0, again.stderr[-3000:]
     assert logged(resumed)[3:] == fsdp_log[3:]  # bit for bit: the sharded momentum buffers came back
+    resumed_ema = load_file(resumed / "ema" / "model.safetensors")
+    assert all(torch.equal(resumed_ema[name], tensor) for name, tensor in fsdp_ema.items())
 
 
 def test_muon_under_deepspeed_is_refused_in_one_line(data_dir, tmp_path):

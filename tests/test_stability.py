@@ -254,3 +254,43 @@ def test_bad_options_reach_the_trainer_as_errors(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="z_loss: must be >= 0"):
         PretrainingTrainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True),
                            z_loss=-1.0)
+
+
+def test_a_streamed_run_ramps_its_batch_and_resumes_exactly(data_dir, tmp_path):
+    """A stream cannot take empty slots from a sampler: the trainer pads each ramped step itself."""
+    from data_prep.documents import open_document_stream
+    from data_prep.pipeline import packing_settings
+    from data_prep.token_dataset import StreamingPackedDataset
+    from data_prep.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(data_dir / "tokenizer")
+
+    def run(resume: str | None = None) -> PretrainingTrainer:
+        stream = StreamingPackedDataset(open_document_stream(data_dir / "documents" / "train"), tokenizer,
+                                        packing_settings(data_dir), return_position_ids=True)
+        model = tiny_model(vocab_size=len(tokenizer), max_position_embeddings=64, seed=0)
+        model.config.use_cache = False
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=3, save_steps=2, logging_steps=1, use_cpu=True,
+                                 report_to="none", seed=0, remove_unused_columns=False, dataloader_num_workers=0,
+                                 disable_tqdm=True)
+        trainer = PretrainingTrainer(model=model, args=args, data_collator=collate_packed, train_dataset=stream,
+                                     step_micro_batches=[1, 2, 2, 3, 3])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run()
+    logged = history(full)
+    assert [e["batch_tokens"] for e in logged] == [n * 2 * 64 for n in (1, 2, 2, 3, 3)]
+    assert [e["epoch"] for e in logged] == [step / 5 for step in range(1, 6)]
+    # The stream stopped after exactly the ramp's blocks: its saved position is that many examples in.
+    for step, blocks in ((2, 3 * 2), (4, 8 * 2)):
+        state = json.loads((tmp_path / "run" / f"checkpoint-{step}" / "stream_state_0.json").read_text())
+        reference = StreamingPackedDataset(open_document_stream(data_dir / "documents" / "train"), tokenizer,
+                                           packing_settings(data_dir))
+        examples = iter(reference)
+        for _ in range(blocks):
+            next(examples)
+        assert {k: v for k, v in state.items() if k != "world_size"} == reference.state_dict()
+    resumed = run(resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert history(resumed) == logged
