@@ -103,6 +103,11 @@ def _is_union(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (typing.Union, types.UnionType)
 
 
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (list, tuple) or (
+        _is_union(annotation) and any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation)))
+
+
 def _describe(annotation: Any) -> str:
     """A short human name for a field type, for `--help`."""
     if _is_union(annotation):
@@ -404,7 +409,10 @@ def _split_argv(argv: Sequence[str], schemas: Sequence[type], positionals: Seque
         if not token.startswith("--"):
             if not waiting:
                 raise ConfigError(f"{token}: unexpected argument (settings are written --key=value)")
-            pairs.append((waiting.pop(0), _Typed(token)))
+            key = waiting[0]
+            if not _is_list(_field_type(schemas, key)):  # a list positional takes every bare token that follows
+                waiting.pop(0)
+            pairs.append((key, _Typed(token)))
             continue
         key, sep, text = token[2:].partition("=")
         if key == "config":
@@ -436,8 +444,8 @@ def _split_argv(argv: Sequence[str], schemas: Sequence[type], positionals: Seque
 
 def help_text(schemas: Sequence[type], prog: str, description: str, positionals: Sequence[str] = ()) -> str:
     """Usage, the description, and every key of every schema with its type, default and help."""
-    usage = (f"usage: {prog} " + "".join(f"{p.upper()} " for p in positionals)
-             + "[--config FILE.yaml] [--key=value ...] [--print_config]")
+    names = "".join(f"{p.upper()}{'...' if _is_list(_field_type(schemas, p)) else ''} " for p in positionals)
+    usage = f"usage: {prog} {names}[--config FILE.yaml] [--key=value ...] [--print_config]"
     lines = [usage, ""]
     if description:
         lines += [description.strip(), ""]
@@ -518,10 +526,7 @@ def parse_args(schemas: Sequence[type], argv: Sequence[str] | None = None, *, pr
         if _under_path_key(key, path_keys) and not any(_matches(key, p) for p in path_keys):
             value = _yaml(str(text), key)  # a list or mapping of paths
         value = _rebase(value, Path.cwd(), key, path_keys)
-        annotation = _field_type(schemas, key)
-        is_list = typing.get_origin(annotation) in (list, tuple) or (
-            _is_union(annotation) and any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(annotation)))
-        set_dotted(raw, key, value, append=is_list and key in typed_on_command_line)
+        set_dotted(raw, key, value, append=_is_list(_field_type(schemas, key)) and key in typed_on_command_line)
         typed_on_command_line.add(key)
 
     known = {name for cls in schemas for name in fields_of(cls)}

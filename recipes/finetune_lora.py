@@ -15,6 +15,7 @@ holds the base with the adapter folded in, a plain checkpoint that loads with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -36,6 +37,7 @@ from training.arguments import (
     LoraArguments,
     parse_training_args,
 )
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
 from training.finetune import (
     InstructionCollator,
     InstructionDataset,
@@ -90,6 +92,7 @@ def load_inputs(model_args: BaseModelArguments, lora_args: LoraArguments, data_a
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
         model_args, lora_args, data_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
                                                        config=config, overrides=overrides)
@@ -100,7 +103,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         return report_error(err)
 
     collator = InstructionCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = finetuning_trainer(model, args, train, collator, tokenizer)
+    trainer = finetuning_trainer(model, args, train, collator, tokenizer, optimizer_options=lora_args)
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     counts = parameter_counts(model)
     if trainer.is_world_process_zero():
@@ -121,9 +124,24 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["data"]["validation"] = validation.stats
         metrics["eval_before"] = evaluate("before")
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    run = contextlib.ExitStack()  # the lock is held to the end: saving and merging belong to this run too
+    try:
+        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer, evaluate,
+                       validation is not None)
+
+
+def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora_args: LoraArguments,
+            data_args: InstructionDataArguments, tokenizer, evaluate, has_validation: bool) -> int:
+    """After training: the response loss after, the adapter, the merged model, finetune_metrics.json."""
+    args = trainer.args
     metrics["train"] = result.metrics
-    if validation is not None:
+    if has_validation:
         metrics["eval_after"] = evaluate("after")
     trainer.save_model(args.output_dir)  # the adapter and the tokenizer
     if trainer.is_world_process_zero():

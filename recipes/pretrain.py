@@ -11,6 +11,7 @@ safetensors, config with `auto_map` and the model code, the tokenizer, a generat
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,11 +35,14 @@ from training.arguments import (
     PretrainingArguments,
     parse_training_args,
 )
+from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import latest_complete_checkpoint, saved_step
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume, saved_step
+from training.data_order import BatchRamp
 from training.hub import push
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
+from training.spikes import DataState, LossSpikeCallback, train_with_rollbacks
 from training.trainer import PretrainingTrainer, collate_packed
 
 SCHEMAS = (ModelArguments, DataArguments, PretrainingArguments, TrainingArguments)
@@ -54,6 +58,7 @@ def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
         model_args, data_args, run_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
                                                       config=config, overrides=overrides)
@@ -84,12 +89,19 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         model = build_model(model_args, tokenizer, train.seq_len)
         tokenizer.model_max_length = model.config.max_position_embeddings  # saved with the model: its context
         # Ranks of one tensor-parallel group read the same rows: the data-parallel degree is world_size / tp_size.
-        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
-                           * (args.world_size // model_args.tp_size) * train.seq_len)
-        if run_args.max_tokens:
+        data_parallel = args.world_size // model_args.tp_size
+        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel
+                           * train.seq_len)
+        step_micro_batches = None
+        if run_args.batch_size_warmup_tokens:
+            step_micro_batches = batch_ramp_schedule(run_args, args, data_parallel, train.seq_len)
+        elif run_args.max_tokens:
             args.max_steps = math.ceil(run_args.max_tokens / tokens_per_step)
         if data_args.streaming and args.max_steps <= 0:
             raise ConfigError("max_steps: a streaming run needs max_steps (or max_tokens); a stream has no length")
+        if run_args.loss_spike_zscore and args.save_strategy == "no":
+            raise ConfigError("loss_spike_zscore: a rollback needs checkpoints to go back to; set save_strategy "
+                              "and save_steps")
         scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(run_args.schedule, run_args.min_lr_ratio,
                                                                   max_steps=args.max_steps)
     except (ConfigError, ValueError, FileNotFoundError) as err:
@@ -103,17 +115,39 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
 
     flops = sizing.flops_per_token(model.config, train.seq_len)
     peak = device_peak_flops(run_args.peak_flops)
-    guard = NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)
-    trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collate_packed, processing_class=tokenizer,
-                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard],
-                                 eval_bytes_per_token=split_bytes_per_token(data_dir, "validation"))
-    if trainer.is_world_process_zero():
+    micro_tokens = tokens_per_step // args.gradient_accumulation_steps
+    step_tokens = (lambda step: tokens_per_step) if step_micro_batches is None else (
+        lambda step: micro_tokens * step_micro_batches[min(step, len(step_micro_batches)) - 1])
+    total_tokens = tokens_per_step * args.max_steps if step_micro_batches is None else (
+        micro_tokens * sum(step_micro_batches))
+
+    def make_trainer(data_state: DataState) -> PretrainingTrainer:
+        nonlocal model
+        if model is None:  # a rollback: a fresh model (the checkpoint's weights load into it), nothing of the old one
+            set_seed(args.seed)
+            model = build_model(model_args, tokenizer, train.seq_len)
+        built, model = model, None
+        return PretrainingTrainer(
+            model=built, args=args, train_dataset=train, eval_dataset=validation, data_collator=collate_packed,
+            processing_class=tokenizer, optimizer_options=run_args, z_loss=run_args.z_loss,
+            step_micro_batches=step_micro_batches, data_state=data_state,
+            loss_spikes=(LossSpikeCallback(run_args.loss_spike_zscore, run_args.loss_spike_window,
+                                           run_args.loss_spike_skip_ahead)
+                         if run_args.loss_spike_zscore else None),
+            eval_bytes_per_token=split_bytes_per_token(data_args.data_dir, "validation"),
+            ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
+            callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
+                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)])
+
+    if args.process_index == 0:
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
         # ZeRO-3 builds the model already partitioned: each parameter keeps its full size in ds_numel
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        batch = f"{tokens_per_step:,} tokens/step" if step_micro_batches is None else (
+            f"{step_tokens(1):,} -> {tokens_per_step:,} tokens/step over {run_args.batch_size_warmup_tokens:,.0f} "
+            f"tokens ({total_tokens:,} tokens)")
         print(f"[pretrain] {parameters:,} parameters | {blocks} of "
-              f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
+              f"{train.seq_len} | {batch} | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
         if model_args.tp_size > 1:
             from torch.distributed.tensor import DTensor
@@ -123,14 +157,54 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
                   f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
 
-    resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = latest_complete_checkpoint(args.output_dir)  # a kill mid-save leaves an incomplete one
-        if resume is None and trainer.is_world_process_zero():
+    run = contextlib.ExitStack()  # held to the end: the final save and reports belong to this run too
+    try:
+        # One run per output folder: a second one (or the ranks of a killed launch still running) is refused.
+        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
+        # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if args.process_index == 0 and args.resume_from_checkpoint == "auto" and resume is None:
             print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
-    if resume and trainer.is_world_process_zero():
-        print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
-    result = trainer.train(resume_from_checkpoint=resume)
+        if args.process_index == 0 and resume:
+            print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
+        # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+        trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+    except ConfigError as err:  # a broken checkpoint, a full disk, a busy output folder, too many rollbacks
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, model_args, data_args, run_args, validation, train.seq_len,
+                       tokens_per_step, total_tokens, peak)
+
+
+def batch_ramp_schedule(run_args: PretrainingArguments, args: TrainingArguments, data_parallel: int,
+                        seq_len: int) -> list[int]:
+    """Micro-batches of each step under `batch_size_warmup_tokens`; sets `args.max_steps` to their number."""
+    micro_tokens = args.per_device_train_batch_size * data_parallel * seq_len
+    ramp = BatchRamp(micro_tokens, args.gradient_accumulation_steps,
+                     int(run_args.batch_size_warmup_start_tokens), int(run_args.batch_size_warmup_tokens))
+    if args.gradient_accumulation_steps < 2:
+        raise ConfigError("batch_size_warmup_tokens: the batch grows by gradient accumulation; set "
+                          "gradient_accumulation_steps to the full batch's micro-batches (2 or more)")
+    if run_args.batch_size_warmup_start_tokens > ramp.full_tokens:
+        raise ConfigError(f"batch_size_warmup_start_tokens: {run_args.batch_size_warmup_start_tokens:,.0f} tokens is "
+                          f"more than the full batch ({ramp.full_tokens:,} tokens per step)")
+    steps = (ramp.schedule(max_tokens=int(run_args.max_tokens)) if run_args.max_tokens
+             else ramp.schedule(max_steps=args.max_steps))
+    total = micro_tokens * sum(steps)
+    if run_args.batch_size_warmup_tokens >= total:
+        raise ConfigError(f"batch_size_warmup_tokens: {run_args.batch_size_warmup_tokens:,.0f} tokens is not shorter "
+                          f"than the run ({total:,} tokens)")
+    args.max_steps = len(steps)
+    return steps
+
+
+def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, data_args: DataArguments,
+            run_args: PretrainingArguments, validation, seq_len: int, tokens_per_step: int, total_tokens: int,
+            peak: float | None) -> int:
+    """After training: final metrics and evaluation, the final model folder, the reports, the Hub upload."""
+    args = trainer.args
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuardCallback))
     if guard.stop_reason:
         return report_error(guard.stop_reason, status=1)
 
@@ -143,7 +217,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             metrics.update(trainer.evaluate())
         if "eval_loss" in metrics:
             metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-            bytes_per_token = split_bytes_per_token(data_dir, "validation")
+            bytes_per_token = split_bytes_per_token(data_args.data_dir, "validation")
             if bytes_per_token:
                 metrics["eval_bits_per_byte"] = metrics["eval_loss"] / math.log(2) / bytes_per_token
     trainer.log_metrics("train", metrics)
@@ -151,9 +225,13 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
+    if trainer.ema is not None:  # the averaged weights as a model folder of their own, next to the final ones
+        with trainer.ema.swapped_in():
+            trainer.save_model(str(Path(args.output_dir) / "ema"))
     trainer.save_state()  # trainer_state.json: the log history and step count next to the weights
     if trainer.is_world_process_zero():
-        write_reports(trainer, model_args, data_args, run_args, train.seq_len, tokens_per_step, peak, metrics)
+        write_reports(trainer, model_args, data_args, run_args, seq_len, tokens_per_step, total_tokens, peak,
+                      metrics)
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():

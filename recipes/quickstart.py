@@ -31,8 +31,10 @@ import transformers
 
 from cli import ConfigError, dotted_items, parse_args, report_error
 from data_prep.config import load_config
+from data_prep.documents import read_documents
 from data_prep.instructions import build_instruction_set
 from data_prep.pipeline import run_pipeline
+from evaluation.baselines import compressor_bits_per_byte
 from evaluation.generation import generate, load_for_generation
 from evaluation.perplexity import evaluate_path
 from modeling import EmberConfig
@@ -155,8 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, tokenizer = load_checkpoint(pretrain_dir, device="cpu")
         torch.manual_seed(0)  # the same architecture, freshly initialised: what the data alone gives
         untrained = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+        # The same documents through general-purpose compressors: the yardstick a model should beat.
+        compressors = compressor_bits_per_byte(read_documents(data_dir / "documents" / "validation"),
+                                               max_documents=args.eval_max_documents or None)
         return {"untrained": held_out_bits_per_byte(untrained, tokenizer, data_dir, args),
-                "pretrained": held_out_bits_per_byte(model, tokenizer, data_dir, args)}
+                "pretrained": held_out_bits_per_byte(model, tokenizer, data_dir, args), "compressors": compressors}
 
     def instructions() -> dict:
         return build_instruction_set(data_dir, instructions_dir, max_examples=args.instruction_max_examples)

@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The pretraining recipe as tests launch it: the CPU config, 2-rank DDP, and a model small enough to run in seconds.
+PRETRAIN_RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
+NANO_CPU = REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"
+CPU_DDP = REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml"
+SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
+              "num_attention_heads: 4, num_key_value_heads: 2}"
 
 TINY = dict(
     vocab_size=128,

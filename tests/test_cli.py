@@ -12,6 +12,7 @@ import yaml
 from transformers import TrainingArguments
 
 from cli import ConfigError, parse_args
+from cli.parser import help_text
 from recipes import pretrain
 from training.arguments import (
     PRETRAIN_PATH_KEYS,
@@ -197,6 +198,7 @@ ENTRY_POINTS = [
     ["recipes/eval_downstream.py"], ["recipes/generate.py"], ["-m", "data_prep", "run"],
     ["-m", "data_prep.instructions"], ["-m", "modeling.sizing"], ["-m", "modeling.convert", "to-hf"],
     ["-m", "training.hub"],
+    ["-m", "training.average"],
 ]
 
 
@@ -221,3 +223,17 @@ def test_a_config_error_under_two_ranks_is_printed_once(tmp_path):
     assert [line for line in outputs[0].stderr.splitlines() if line.startswith("error:")] == [
         "error: streaming: expected a boolean, got 'maybe' (true/false, yes/no, on/off, 1/0)"]
     assert "error:" not in outputs[1].stderr
+
+
+def test_a_list_positional_takes_every_bare_argument(tmp_path):
+    @dataclass
+    class Averaging:
+        checkpoints: list[str] = field(default_factory=list)
+        output: str = ""
+
+    (args,) = parse_args((Averaging,), ["a", "b/c", "--output=out", "d"], positionals=("checkpoints",),
+                         path_keys=("checkpoints", "checkpoints.*", "output"))
+    cwd = Path.cwd()
+    assert args.checkpoints == [str(cwd / "a"), str(cwd / "b" / "c"), str(cwd / "d")]
+    assert args.output == str(cwd / "out")
+    assert "usage: prog CHECKPOINTS... [--config" in help_text((Averaging,), "prog", "", positionals=("checkpoints",))

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -70,6 +71,11 @@ def is_training_log(line: str) -> bool:
 
 def training_log_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if is_training_log(line)]
+
+
+def logged_loss(line: str) -> float:
+    """The loss of a training log line (printed to 4 significant digits)."""
+    return float(next(part for part in line.split(" | ") if part.startswith("loss "))[len("loss "):])
 
 
 def hard_kill(process: subprocess.Popen) -> None:
@@ -181,7 +187,7 @@ def test_resume_skips_consumed_blocks_by_index_without_reading_them(data_dir, tm
 def write_checkpoint(output_dir: Path, step: int, trainer_state: str | None) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"weights")
+    save_file({"weight": torch.zeros(2, 2)}, folder / "model.safetensors")
     if trainer_state is not None:
         (folder / "trainer_state.json").write_text(trainer_state)
     return folder

@@ -50,8 +50,19 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     samples = results["stages"]["generate"]
     assert len(samples["pretrained"]) == 2 and len(samples["finetuned"]) == 1
 
+    # The compressors' yardstick, on the same held-out documents the model was scored on.
+    from data_prep.documents import read_documents
+    from evaluation.baselines import compressor_bits_per_byte
+
+    expected = compressor_bits_per_byte(read_documents(out / "data" / "documents" / "validation"), max_documents=2)
+    assert headline["held_out_bpb_compressors"] == {name: r["bits_per_byte"] for name, r in expected.items()}
+    assert list(expected) == ["gzip -9", "zstd -19", "xz -9e", "bzip2 -9"]
+    assert results["stages"]["perplexity"]["compressors"]["xz -9e"]["bytes"] == sum(
+        len(text.encode()) for text in list(read_documents(out / "data" / "documents" / "validation"))[:2])
+
     report = (out / "report.md").read_text()
     assert f"{headline['held_out_bpb_pretrained']:.3f}" in report
+    assert f"| xz -9e (each document compressed on its own) | {expected['xz -9e']['bits_per_byte']:.3f} |" in report
     assert f"{headline['lora_response_loss_after']:.3f}" in report
     finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
     assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained

@@ -15,7 +15,7 @@ from training.model_card import write_model_card
 from training.run_report import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, run_statistics, write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {plot.file for plot in PLOTS}
+ALL_PLOTS = {plot.file for plot in PLOTS if not plot.optional}  # optional ones: only for runs that log them
 WALL_SECONDS, ESTIMATED_SECONDS = 321.5, 300.0
 ESTIMATED_MEMORY_GB = 1.2
 
@@ -208,3 +208,27 @@ def test_model_card_from_a_config_dict_without_evaluation(tmp_path, no_network):
     assert "(multi-query)" in card.text
     assert f"({sizing.count_parameters(config):,})" in card.text
     assert "run_report" not in card.text
+
+
+def test_batch_ramp_z_loss_and_rollbacks_get_their_plots_and_section(tmp_path):
+    history = make_log_history(with_eval=False)
+    for entry in history:
+        if "loss" in entry and "step" in entry:
+            entry["batch_tokens"] = min(4096, 512 * (1 + entry["step"] // 20))
+            entry["z_loss"] = 30.0 - entry["step"] / 20
+    rollback = {"rollback": 1, "spike_step": 120, "loss": 9.5, "window_mean": 4.1, "zscore": 31.0,
+                "resumed_from_step": 100, "skipped_blocks": [[800, 840], [900, 901]]}
+    text = write_run_report(tmp_path, history, {**SUMMARY, "rollbacks": [rollback]}).read_text()
+    for file in ("batch_size.png", "z_loss.png", "loss.png"):
+        assert_real_png(tmp_path / "run_report" / file)
+        assert f"]({file})" in text
+    assert "## Loss spikes" in text and "| 1 | 120 | 9.5000 | 4.1000 | 31.0 | 100 | 800-839, 900-900 |" in text
+    # The rollback is a dashed red line on the loss plot: a column of red pixels a plot without it lacks.
+    red = np.array([0xD6, 0x27, 0x28]) / 255
+    marked = imread(tmp_path / "run_report" / "loss.png")[..., :3]
+    write_run_report(tmp_path / "plain", make_log_history(with_eval=False), SUMMARY)
+    plain = imread(tmp_path / "plain" / "run_report" / "loss.png")[..., :3]
+    assert (np.abs(marked - red).max(axis=-1) < 0.05).sum() > 50
+    assert (np.abs(plain - red).max(axis=-1) < 0.05).sum() == 0
+    assert not (tmp_path / "plain" / "run_report" / "batch_size.png").exists()
+    assert "batch_tokens" not in (tmp_path / "plain" / "run_report" / "report.md").read_text()  # no note either

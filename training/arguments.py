@@ -80,7 +80,36 @@ class DataArguments:
 
 
 @dataclass
-class PretrainingArguments:
+class OptimizerArguments:
+    """Which optimizer takes the hidden weight matrices (training/muon.py); the rest always get AdamW."""
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw (the Trainer's own, `optim` picks its kernel) or muon (Muon on hidden matrices, AdamW on "
+                "embeddings, head, norms, biases)"})
+    muon_learning_rate: float | None = field(default=None, metadata={
+        "help": "Muon's peak learning rate; default learning_rate (right for muon_lr_scaling=match_rms_adamw)"})
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_lr_scaling: str = field(default="match_rms_adamw", metadata={
+        "help": "match_rms_adamw: lr x 0.2 sqrt(max(m, n)) (Moonlight); original: lr x sqrt(max(1, m/n))"})
+    muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
+
+    def __post_init__(self):
+        from training.muon import LR_SCALINGS, OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.muon_lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"muon_lr_scaling: must be one of {', '.join(LR_SCALINGS)}, got {self.muon_lr_scaling!r}")
+        if not 0.0 <= self.muon_momentum < 1.0:
+            raise ValueError(f"muon_momentum: must be in [0, 1), got {self.muon_momentum}")
+        if self.muon_learning_rate is not None and self.muon_learning_rate <= 0:
+            raise ValueError(f"muon_learning_rate: must be > 0, got {self.muon_learning_rate}")
+        if self.muon_ns_steps < 1:
+            raise ValueError(f"muon_ns_steps: must be >= 1, got {self.muon_ns_steps}")
+
+
+@dataclass
+class PretrainingArguments(OptimizerArguments):
     max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
     schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
     min_lr_ratio: float = 0.1
@@ -88,6 +117,39 @@ class PretrainingArguments:
         "help": "stop after this many optimizer steps in a row with NaN/inf gradients (each one is skipped)"})
     peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
     expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
+    # stability and better models per unit of compute (training/data_order.py, spikes.py, averaging.py)
+    z_loss: float = field(default=0.0, metadata={
+        "help": "coefficient of the z-loss on the output logits' log-normaliser (PaLM: 1e-4); 0 = off"})
+    batch_size_warmup_tokens: float = field(default=0, metadata={
+        "help": "grow tokens per step linearly from batch_size_warmup_start_tokens to the full batch over this many "
+                "tokens, by gradient accumulation; 0 = off"})
+    batch_size_warmup_start_tokens: float = field(default=0, metadata={
+        "help": "tokens per step at the start of the warmup; 0 = one micro-batch per rank"})
+    ema_decay: float | None = field(default=None, metadata={
+        "help": "keep an exponential moving average of the weights with this decay, saved to <output_dir>/ema"})
+    loss_spike_zscore: float = field(default=0.0, metadata={
+        "help": "a step loss this many standard deviations above the mean of the last loss_spike_window steps "
+                "rolls back to the last checkpoint and skips the data read since; 0 = off"})
+    loss_spike_window: int = field(default=50, metadata={"help": "steps whose losses the spike test compares with"})
+    loss_spike_skip_ahead: int = field(default=0, metadata={
+        "help": "a rollback also skips the data of this many steps after the spike"})
+    max_rollbacks: int = field(default=3, metadata={"help": "stop with an error after this many loss-spike rollbacks"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss: must be >= 0, got {self.z_loss}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay: must be in (0, 1), got {self.ema_decay}")
+        for name in ("batch_size_warmup_tokens", "batch_size_warmup_start_tokens", "loss_spike_zscore"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.loss_spike_window < 2:
+            raise ValueError(f"loss_spike_window: must be >= 2 steps, got {self.loss_spike_window}")
+        if self.loss_spike_skip_ahead < 0:
+            raise ValueError(f"loss_spike_skip_ahead: must be >= 0, got {self.loss_spike_skip_ahead}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks: must be >= 0, got {self.max_rollbacks}")
 
 
 PRETRAIN_PATH_KEYS = ("data_dir", "output_dir")
@@ -108,7 +170,7 @@ class BaseModelArguments:
 
 
 @dataclass
-class LoraArguments:
+class LoraArguments(OptimizerArguments):
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -124,7 +125,8 @@ class ThroughputCallback(TrainerCallback):
     Args:
         flops_per_token: training FLOPs per token (`modeling.sizing.flops_per_token`).
         tokens_per_step: tokens in one optimizer step across all devices
-            (per-device batch x accumulation x data-parallel ranks x seq_len).
+            (per-device batch x accumulation x data-parallel ranks x seq_len), or a function of the step
+            number (1-based) when it varies (a batch-size warmup).
         peak_flops_per_device: peak FLOP/s of one device for MFU (`device_peak_flops`); None: no `mfu`.
         num_devices: devices sharing `tokens_per_step`.
         warmup_steps: leading steps excluded from the measurement.
@@ -133,12 +135,12 @@ class ThroughputCallback(TrainerCallback):
     / 1e12 and `mfu` = that / peak (model FLOPs, PaLM's definition, so recomputation does not count).
     """
 
-    def __init__(self, flops_per_token: float, tokens_per_step: int, peak_flops_per_device: float | None,
-                 num_devices: int, warmup_steps: int = 2):
-        if num_devices < 1 or tokens_per_step < 1 or warmup_steps < 0:
+    def __init__(self, flops_per_token: float, tokens_per_step: int | Callable[[int], int],
+                 peak_flops_per_device: float | None, num_devices: int, warmup_steps: int = 2):
+        if num_devices < 1 or (not callable(tokens_per_step) and tokens_per_step < 1) or warmup_steps < 0:
             raise ValueError("ThroughputCallback: num_devices and tokens_per_step must be >= 1, warmup_steps >= 0")
         self.flops_per_token = flops_per_token
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = tokens_per_step if callable(tokens_per_step) else (lambda step: tokens_per_step)
         self.peak_flops_per_device = peak_flops_per_device
         self.num_devices = num_devices
         self.warmup_steps = warmup_steps
@@ -150,6 +152,7 @@ class ThroughputCallback(TrainerCallback):
         self._last_step_end: float | None = None
         self._window_seconds = 0.0
         self._window_steps = 0
+        self._window_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._reset()
@@ -161,6 +164,7 @@ class ThroughputCallback(TrainerCallback):
         if self._steps_seen > self.warmup_steps and self._last_step_end is not None:
             self._window_seconds += now - self._last_step_end
             self._window_steps += 1
+            self._window_tokens += self.tokens_per_step(state.global_step)
         self._last_step_end = now
 
     def _restart_clock(self) -> None:
@@ -179,7 +183,7 @@ class ThroughputCallback(TrainerCallback):
         """Metrics over the steps since the last call (empty if none were timed); starts a new window."""
         if self._window_steps == 0 or self._window_seconds <= 0:
             return {}
-        tokens_per_s = self._window_steps * self.tokens_per_step / self._window_seconds
+        tokens_per_s = self._window_tokens / self._window_seconds
         flops_per_device = self.flops_per_token * tokens_per_s / self.num_devices
         metrics = {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12}
         if self.peak_flops_per_device:
@@ -187,7 +191,7 @@ class ThroughputCallback(TrainerCallback):
         memory = peak_memory_gb()
         if memory is not None:
             metrics["peak_memory_gb"] = memory
-        self._window_seconds, self._window_steps = 0.0, 0
+        self._window_seconds, self._window_steps, self._window_tokens = 0.0, 0, 0
         return metrics
 
 

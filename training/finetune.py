@@ -36,6 +36,7 @@ from evaluation.perplexity import perplexity
 from modeling.loading import adapter_base, load_model
 from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
+from training.muon import OptimizerChoiceMixin
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -244,12 +245,22 @@ def add_lora(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
+class FinetuningTrainer(OptimizerChoiceMixin, Trainer):
+    """The HF Trainer, with `optimizer_options.optimizer: muon` building Muon + AdamW (training/muon.py)."""
+
+    def __init__(self, *args, optimizer_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_options = optimizer_options
+
+
 def finetuning_trainer(model: PeftModel, args: TrainingArguments, train_dataset: InstructionDataset,
-                       collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase) -> Trainer:
-    """The HF Trainer over the adapter model and the instruction data (loss on response tokens only)."""
+                       collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase,
+                       optimizer_options=None) -> Trainer:
+    """The HF Trainer over the adapter model and the instruction data (loss on response tokens only);
+    `optimizer_options` (an `OptimizerArguments`) chooses AdamW or Muon."""
     args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
-    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      processing_class=tokenizer)
+    trainer = FinetuningTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                                processing_class=tokenizer, optimizer_options=optimizer_options)
     use_log_lines(trainer)
     return trainer
 

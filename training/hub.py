@@ -23,7 +23,7 @@ from huggingface_hub.utils import filter_repo_objects
 from cli import ConfigError, parse_args, report_error
 
 # Checkpoints are for resuming, not for users of the model.
-IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "stream_state_*.json"]
+IGNORE_PATTERNS = ["checkpoint-*", "checkpoint-*/**", "stream_state_*.json", "run.lock"]
 
 
 @dataclass

@@ -101,29 +101,35 @@ def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingA
 
 
 def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_args: DataArguments,
-                  run_args: PretrainingArguments, seq_len: int, tokens_per_step: int, peak: float | None,
-                  metrics: dict) -> None:
-    """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
+                  run_args: PretrainingArguments, seq_len: int, tokens_per_step: int, total_tokens: int,
+                  peak: float | None, metrics: dict) -> None:
+    """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md.
+
+    tokens_per_step: of a full step; total_tokens: of the whole run (less than steps x tokens_per_step while
+    the batch grows)."""
     args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
     strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
     checkpointing = training_setting(args, "activation_checkpointing")
     memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
                                    checkpointing, param_bytes=2 if args.bf16 else 4,
                                    flash_attention=model_args.attn_implementation != "eager")
-    planned = tokens_per_step * args.max_steps
+    planned = total_tokens
     recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(run_args),
               **{key: getattr(args, key) for key in REPORTED_TRAINING_KEYS}}
     (output_dir / REPORT_DIR).mkdir(parents=True, exist_ok=True)
     (output_dir / REPORT_DIR / SETTINGS_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     write_run_report(output_dir, trainer.state.log_history, {
-        "config": recipe, "tokens_per_step": tokens_per_step, "estimated_memory_gb": memory["total"] / 2**30,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "config": recipe, "tokens_per_step": tokens_per_step, "rollbacks": trainer.data_state.rollbacks,
+        **({"tokens_seen": total_tokens} if trainer.step_micro_batches and trainer.state.global_step == args.max_steps
+           else {}),
+        "estimated_memory_gb": memory["total"] / 2**30, "device": "cuda" if torch.cuda.is_available() else "cpu",
         "estimated_seconds": (sizing.training_time(config, planned, args.world_size, peak, run_args.expected_mfu,
                                                    seq_len) if peak else None)})
     steps = trainer.state.global_step
     write_model_card(output_dir, model_name=output_dir.name, config=config, datasets=[Path(data_args.data_dir).name],
                      metrics=metrics, repo_id=args.hub_model_id, training={
-                         "tokens": tokens_per_step * steps, "steps": steps, "tokens_per_step": tokens_per_step,
+                         "tokens": total_tokens if steps == args.max_steps else tokens_per_step * steps,
+                         "steps": steps, "tokens_per_step": tokens_per_step,
                          "seq_len": seq_len, "global_batch_size": tokens_per_step // seq_len,
                          "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
                          "lr_schedule": f"{run_args.schedule}, {args.warmup_steps} warmup steps, "

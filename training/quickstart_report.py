@@ -50,6 +50,7 @@ def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
         "held_out_bpb_pretrained": held_out.get("pretrained", {}).get("bits_per_byte"),
         "held_out_perplexity_pretrained": held_out.get("pretrained", {}).get("perplexity"),
         "held_out_tokens_scored": held_out.get("pretrained", {}).get("num_tokens"),
+        "held_out_bpb_compressors": {name: r["bits_per_byte"] for name, r in held_out.get("compressors", {}).items()},
         "instruction_examples_train": instructions.get("train"),
         "instruction_examples_validation": instructions.get("validation"),
         "lora_examples_trained": finetune.get("data", {}).get("train", {}).get("examples"),
@@ -138,7 +139,9 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
         (name, fmt_number(r.get("bits_per_byte"), ".3f"), fmt_number(r.get("perplexity"), ",.1f"),
          fmt_number(r.get("num_tokens"), ",d"), fmt_number(r.get("num_documents"), ",d"))
         for name, r in (("untrained (same architecture)", held_out.get("untrained", {})),
-                        ("pretrained", held_out.get("pretrained", {})))])
+                        ("pretrained", held_out.get("pretrained", {})))] + [
+        (f"{name} (each document compressed on its own)", fmt_number(r["bits_per_byte"], ".3f"), "-", "-",
+         fmt_number(r["documents"], ",d")) for name, r in held_out.get("compressors", {}).items()])
     lines += ["", "## LoRA finetuning (docstring -> function)", ""]
     lines += md_table(("", "value"), _rows(numbers, [
         ("instruction_examples_train", "pairs built for training", ",d"),

@@ -158,6 +158,7 @@ class _Plot:
     lines: tuple[_Line, ...]
     why_missing: str = ""  # appended to the note when the first line's metric is absent
     scale: float = 1.0
+    optional: bool = False  # a metric only some runs log: no note when it is absent
 
 
 PLOTS = (
@@ -172,13 +173,17 @@ PLOTS = (
           why_missing="ThroughputCallback adds it"),
     _Plot("mfu.png", "Model FLOPs utilisation", "MFU (%)", (_Line("train", "mfu", "MFU"),),
           why_missing="it needs the device's peak FLOP/s: a known GPU, or `peak_flops`", scale=100.0),
+    _Plot("batch_size.png", "Batch size (batch_size_warmup_tokens)", "tokens per step",
+          (_Line("train", "batch_tokens", "tokens per step"),), optional=True),
+    _Plot("z_loss.png", "z-loss", "mean log(Z)^2 per token", (_Line("train", "z_loss", "log(Z)^2"),), optional=True),
 )
 
 
 def draw_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[int], list[float]]],
-               tokens_per_step: int | None = None) -> None:
-    """A line plot of (label, steps, values) series. With `tokens_per_step` the x axis counts tokens (what compares
-    across batch sizes) and a second axis on top counts steps; otherwise the x axis is the step."""
+               tokens_per_step: int | None = None, markers: list[tuple[int, str]] = ()) -> None:
+    """A line plot of (label, steps, values) series, with a dashed vertical line at each (step, label) marker.
+    With `tokens_per_step` the x axis counts tokens (what compares across batch sizes) and a second axis on top
+    counts steps; otherwise the x axis is the step."""
     figure = Figure(figsize=FIGURE_SIZE_INCHES, dpi=FIGURE_DPI)
     FigureCanvasAgg(figure)  # attaches the raster canvas that savefig renders with
     axes = figure.add_subplot()
@@ -187,6 +192,10 @@ def draw_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[
         few = len(steps) <= 30  # markers keep sparse series (evaluations, short runs) visible
         axes.plot([step * scale for step in steps], values, label=label, linewidth=1.4,
                   marker="o" if few else None, markersize=3)
+    for step, label in markers:  # e.g. a loss spike the run rolled back from
+        axes.axvline(step * scale, color="tab:red", linestyle="--", linewidth=1.0)
+        axes.annotate(label, (step * scale, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
+                      ha="right", fontsize=7, color="tab:red")
     axes.set_title(title)
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
@@ -203,12 +212,13 @@ def draw_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[
     figure.savefig(path, dpi=FIGURE_DPI, format="png")
 
 
-def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int | None = None
+def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int | None = None,
+                 rollbacks: list[dict] = ()
                  ) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw every plot whose main metric was logged; returns ([(title, file)], [notes on what was left out]).
 
     A plot's first line is its main metric: without it the plot is omitted. Further lines (the eval loss)
-    are drawn when present and noted when not.
+    are drawn when present and noted when not. Each loss-spike rollback is a marker on the loss plot.
     """
     entries = {"train": _training_logs(log_history), "eval": _eval_logs(log_history)}
     written, notes = [], []
@@ -226,10 +236,14 @@ def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int
                 notes.append(f"{plot.title}: no `{line.key}` in the logs, so the {line.label} curve is omitted.")
         path = report_dir / plot.file
         if lines:
-            draw_lines(path, plot.title, plot.ylabel, lines, tokens_per_step)
+            markers = [(event["spike_step"], f"rollback {event['rollback']}") for event in rollbacks
+                       ] if plot.file == "loss.png" else []
+            draw_lines(path, plot.title, plot.ylabel, lines, tokens_per_step, markers)
             written.append((plot.title, plot.file))
         else:
             path.unlink(missing_ok=True)  # a plot left in this folder by an earlier run would mislead
+            if plot.optional:
+                continue
             reason = f" ({plot.why_missing})" if plot.why_missing else ""
             notes.append(f"{plot.title}: not plotted, no finite `{plot.lines[0].key}` in the logs{reason}.")
     return written, notes
@@ -307,6 +321,20 @@ def _sizing_section(stats: dict, on_gpu: bool) -> list[str]:
     return lines
 
 
+def _rollback_section(rollbacks: list[dict]) -> list[str]:
+    """The loss spikes the run rolled back from (training/spikes.py), with the blocks it skipped."""
+    if not rollbacks:
+        return []
+    rows = [(event["rollback"], event["spike_step"], f"{event['loss']:.4f}", f"{event['window_mean']:.4f}",
+             f"{event['zscore']:.1f}", event["resumed_from_step"],
+             ", ".join(f"{start}-{end - 1}" for start, end in event["skipped_blocks"]))
+            for event in rollbacks]
+    return ["## Loss spikes", "",
+            *md_table(("rollback", "spike at step", "loss", "window mean", "z-score", "resumed from step",
+                       "blocks skipped (never read again)"), rows),
+            "", "The logs above continue from each rollback's checkpoint; the spiking steps are not in them.", ""]
+
+
 def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -> Path:
     """Write `<output_dir>/run_report/` (PNG plots and `report.md`); returns the path of `report.md`.
 
@@ -316,18 +344,22 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
         tokens_seen / tokens_per_step / wall_seconds: used where the logs lack them;
         estimated_seconds: `modeling.sizing.training_time` for the run;
         estimated_memory_gb: `memory_per_gpu(...)["total"] / 2**30`, compared when `device` is "cuda";
-        device: "cuda" or "cpu".
+        device: "cuda" or "cpu";
+        rollbacks: the loss-spike rollbacks (`DataState.rollbacks`), marked on the loss plot and listed.
     A metric missing from the logs leaves out its plot or row, and the report says which and why.
     """
     output_dir = Path(output_dir)
     report_dir = output_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = run_statistics(log_history, summary)
-    plots, plot_notes = _write_plots(report_dir, log_history, summary.get("tokens_per_step"))
+    rollbacks = summary.get("rollbacks") or []
+    # A tokens axis while the batch grows (tokens_seen given: steps of unequal size) would misplace every point.
+    tokens_axis = None if summary.get("tokens_seen") else summary.get("tokens_per_step")
+    plots, plot_notes = _write_plots(report_dir, log_history, tokens_axis, rollbacks)
 
     lines = [f"# Training report: {summary.get('name') or output_dir.resolve().name}", ""]
     lines += _summary_section(stats) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
-    lines += ["", "## Plots", ""]
+    lines += [""] + _rollback_section(rollbacks) + ["## Plots", ""]
     for title, file in plots:
         lines += [f"![{title}]({file})", ""]
     if not plots:
