@@ -1,20 +1,27 @@
 # Ember: `make quickstart` runs the main job, `make test` runs the test suite.
 # Both create .venv on first use. torch is installed as the pinned CPU-capable 2.13.0 build
 # unless the interpreter already has a torch (e.g. a CUDA build on a GPU machine), which is reused.
+# The quickstart installs only what it runs; the tests (and `make install`) everything Ember can use.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,qlora,data,eval,tracking,deepspeed
+QUICKSTART_EXTRAS ?= data
+EXTRAS ?= dev,qlora,data,langid,spacy,eval,tracking,deepspeed,llamacpp,ray
+# The llamacpp extra (llama.cpp's Python binding, for the GGUF tests) compiles llama.cpp on install: about 10
+# CPU-minutes, once; pip caches the wheel. CPU backend, without the multimodal library nothing here uses.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install quickstart data test test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data test slurm-deps test-gpu test-min-transformers gpu-prep lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-all
+install-quickstart: $(VENV)/.installed-quickstart
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "reusing the torch already installed for $(PYTHON)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
@@ -23,19 +30,35 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 		$(PY) -m pip install --upgrade pip; \
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi
+
+$(VENV)/.installed-all: pyproject.toml constraints.txt | $(PY)
 	$(PY) -m pip install -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
+$(VENV)/.installed-quickstart: pyproject.toml constraints.txt | $(PY)
+	$(PY) -m pip install -c constraints.txt -e ".[$(QUICKSTART_EXTRAS)]"
+	@touch $@
+
 # The main job: data prep -> tokenizer -> pretraining -> held-out perplexity -> LoRA -> samples -> report.
-quickstart: install
+quickstart: install-quickstart
 	$(PY) recipes/quickstart.py
 
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
-data: install
-	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2
+data: install-quickstart
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2
 
-test: install
+test: install slurm-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests
+
+# A one-machine Slurm for tests/test_data_slurm.py (Debian packages; the test starts and stops the daemons).
+# Installed when running as root with apt-get and missing; otherwise those tests are skipped outside CI.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SLURM_PACKAGES) >/dev/null; \
+	else echo "slurm-deps: not root or no apt-get; install $(SLURM_PACKAGES) to run the Slurm tests"; fi
 
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install
@@ -45,12 +68,12 @@ test-gpu: install
 # 3.12; GPU_PYTHON overrides) into .whl/, and a small data run (half the stdlib corpus) into outputs/gpu_data.
 GPU_PYTHON ?= 3.12
 GPU_WHEELS := datasets dill multiprocess evaluate zstandard bitsandbytes liger-kernel
-gpu-prep: install
+gpu-prep: install-quickstart
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl \
 		$$(for name in $(GPU_WHEELS); do grep -i "^$$name==" constraints.txt || echo $$name; done)
-	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers 2 \
+	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2 \
 		--output_dir=outputs/gpu_data --sources.0.max_docs=900
 
 # The oldest transformers Ember supports, in its own venv (everything else as in constraints.txt).
@@ -66,4 +89,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) .venv-transformers4 outputs .pytest_cache .ruff_cache

@@ -40,19 +40,16 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
-import json
 import os
 import platform
-import shlex
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from bench_common import available_cores, cpu_model_name, quartiles
+from bench_common import available_cores, cpu_model_name, quartiles, save_record
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from modeling import EmberConfig, EmberForCausalLM
@@ -339,40 +336,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"target:  Ember within {100 * args.target:.0f}% of stock -> {verdict} ({100 * slowdown:+.1f}%)")
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min); timed {elapsed:.0f} s")
 
-    timestamp = datetime.now(timezone.utc)
-    output = args.output or RESULTS_DIR / f"model_cpu_{timestamp.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {
-        "benchmark": "bench_model_cpu",
-        "timestamp_utc": timestamp.isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv] if argv is None else [sys.argv[0], *argv]),
-        "machine": info,
-        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
-        "settings": {
-            "preset": args.preset,
-            "overrides": overrides,
-            "mode": args.mode,
-            "attn_implementation": args.attn,
-            "dtype": "float32",
-            "batch_size": args.batch_size,
-            "seq_len": args.seq_len,
-            "tokens_per_step": tokens_per_step,
-            "threads": args.threads,
-            "warmup": args.warmup,
-            "rounds": args.rounds,
-            "steps_per_round": args.steps,
-            "seed": args.seed,
-            "use_cache": False,
-        },
-        "parameters": n_params,
-        "ember_config": config.to_diff_dict(),
-        "llama_config": models["llama"].config.to_diff_dict(),
-        "equivalence_check": {**check, "tolerance": args.tolerance, "ok": ok},
-        "rounds": rounds,
-        "summary": {**summary, "target_slowdown": args.target, "within_target": slowdown <= args.target},
-    }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"saved:   {output}")
+    settings = {"preset": args.preset, "overrides": overrides, "mode": args.mode, "attn_implementation": args.attn,
+                "dtype": "float32", "batch_size": args.batch_size, "seq_len": args.seq_len,
+                "tokens_per_step": tokens_per_step, "threads": args.threads, "warmup": args.warmup,
+                "rounds": args.rounds, "steps_per_round": args.steps, "seed": args.seed, "use_cache": False}
+    save_record("bench_model_cpu", RESULTS_DIR, args.output, argv, info, load_before, load_after, name="model_cpu",
+                settings=settings, parameters=n_params, ember_config=config.to_diff_dict(),
+                llama_config=models["llama"].config.to_diff_dict(),
+                equivalence_check={**check, "tolerance": args.tolerance, "ok": ok}, rounds=rounds,
+                summary={**summary, "target_slowdown": args.target, "within_target": slowdown <= args.target})
     return 0
 
 

@@ -12,7 +12,7 @@ zero, batch 8), with `max_steps` set as a user with a time budget would.
 Each baseline sees as many tokens as Ember did, with a cap at 1.05x Ember's training time.
 A third row, `llama + ember recipe`, trains the stock model on Ember's packed shards with Ember's recipe
 settings for the same time, to separate what the recipe brings from what the model code brings.
-Every model is scored by `modeling.evaluation` on the same held-out documents with the same windows.
+Every model is scored by `evaluation.perplexity` on the same held-out documents with the same windows.
 Results: benchmarks/results/quickstart_vs_run_clm.{json,md}.
 """
 
@@ -35,11 +35,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
+from data_prep.documents import read_documents  # noqa: E402
 from data_prep.token_dataset import PackedDataset  # noqa: E402
+from evaluation.perplexity import evaluate_path  # noqa: E402
 from modeling import EmberForCausalLM  # noqa: E402
 from modeling.convert import ember_config_to_hf  # noqa: E402
-from modeling.evaluation import evaluate_path, read_texts  # noqa: E402
-from modeling.training import PretrainingTrainer, collate_packed  # noqa: E402
+from training.trainer import PretrainingTrainer, collate_packed  # noqa: E402
 
 
 class WallClockStop(TrainerCallback):
@@ -58,7 +59,7 @@ class WallClockStop(TrainerCallback):
 
 def run_clm_blocks(data_dir: Path, tokenizer, block_size: int) -> datasets.Dataset:
     """run_clm's preprocessing: tokenize each document, concatenate everything, cut into blocks."""
-    raw = datasets.Dataset.from_dict({"text": list(read_texts(data_dir / "documents" / "train"))})
+    raw = datasets.Dataset.from_dict({"text": list(read_documents(data_dir / "documents" / "train"))})
     tokenized = raw.map(lambda batch: tokenizer(batch["text"]), batched=True, remove_columns=["text"])
 
     def group_texts(examples):

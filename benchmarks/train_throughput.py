@@ -57,19 +57,17 @@ import itertools
 import json
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
 import traceback
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
-from bench_common import available_cores, cpu_model_name, quartiles
+from bench_common import available_cores, cpu_model_name, quartiles, save_record
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
@@ -79,14 +77,10 @@ from data_prep.token_dataset import PackedDataset, block_to_example
 from data_prep.tokenizer import load_tokenizer
 from modeling import EmberConfig, EmberForCausalLM, sizing
 from modeling.convert import ember_config_to_hf
-from modeling.recipe_config import for_installed_transformers
-from modeling.training import (
-    NonFiniteGuardCallback,
-    PretrainingTrainer,
-    collate_packed,
-    device_peak_flops,
-    lr_scheduler_kwargs,
-)
+from training.arguments import for_installed_transformers
+from training.callbacks import NonFiniteGuardCallback, device_peak_flops
+from training.optim import lr_scheduler_kwargs
+from training.trainer import PretrainingTrainer, collate_packed
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODELS = ("ember", "llama")
@@ -511,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         setup = prepare(args)
-    except (ValueError, OSError) as err:  # RecipeConfigError is a ValueError too
+    except (ValueError, OSError) as err:  # ConfigError is a ValueError too
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     device, config = setup["device"], setup["config"]
@@ -557,25 +551,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows, peak))
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")
-    timestamp = datetime.now(timezone.utc)
-    output = args.output or RESULTS_DIR / f"train_throughput_{device}_{timestamp.strftime('%Y%m%d-%H%M%S')}.json"
-    record = {
-        "benchmark": "train_throughput",
-        "timestamp_utc": timestamp.isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv] if argv is None else [sys.argv[0], *argv]),
-        "machine": info,
-        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
-        "settings": {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
-        "data": setup["data"], "device": device, "precision": "bf16 autocast" if device == "cuda" else "float32",
-        "seq_len": setup["seq_len"], "parameters": n_params, "flops_per_token": setup["flops_per_token"],
-        "peak_flops": peak, "measured_peak_flops": measured,
-        "matmul": {"size": matmul_size, "dtype": str(matmul_dtype)},
-        "ember_config": config.to_diff_dict(), "llama_config": setup["llama_config"].to_diff_dict(),
-        "rows": rows,
-    }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    print(f"saved:   {output}")
+    save_record("train_throughput", RESULTS_DIR, args.output, argv, info, load_before, load_after,
+                name=f"train_throughput_{device}",
+                settings={key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()},
+                data=setup["data"], device=device, precision="bf16 autocast" if device == "cuda" else "float32",
+                seq_len=setup["seq_len"], parameters=n_params, flops_per_token=setup["flops_per_token"],
+                peak_flops=peak, measured_peak_flops=measured,
+                matmul={"size": matmul_size, "dtype": str(matmul_dtype)},
+                ember_config=config.to_diff_dict(), llama_config=setup["llama_config"].to_diff_dict(), rows=rows)
     return 1 if any(row["status"].startswith("error") for row in rows) else 0
 
 

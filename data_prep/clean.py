@@ -23,9 +23,7 @@ import re
 import unicodedata
 from html.parser import HTMLParser
 
-from data_prep.config import CleanConfig
-
-KINDS = ("text", "code")
+from data_prep.config import KINDS, CleanConfig
 
 _LINE_BREAKS = re.compile(r"\r\n?|[\x85\u2028\u2029]")
 # Every C0/C1 control character except \t and \n (\r is gone by then), plus the byte-order mark.

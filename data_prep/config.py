@@ -9,17 +9,20 @@ resolve against the current directory, where the user typed them.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from cli import ConfigError, parse_args
+
+KINDS = ("text", "code")  # what a source holds; it picks the filters and cleaning rules
 
 
-class ConfigError(ValueError):
-    """A pipeline config problem; the message is one line that names the key."""
+def _require_at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"{prefix}.{key}: must be >= 1, got {getattr(section, key)}")
 
 
 @dataclass
@@ -178,9 +181,7 @@ class MinHashConfig:
     normalize_numbers: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("n_grams", "num_buckets", "hashes_per_bucket"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"dedup.minhash.{key}: must be >= 1, got {getattr(self, key)}")
+        _require_at_least_one(self, "dedup.minhash", ("n_grams", "num_buckets", "hashes_per_bucket"))
 
 
 @dataclass
@@ -198,6 +199,16 @@ class DecontamConfig:
     def __post_init__(self) -> None:
         if self.ngram < 1:
             raise ConfigError(f"decontam.ngram: must be >= 1, got {self.ngram}")
+
+
+# Special tokens after eos and pad, in id order (data_prep/tokenizer.py describes the layout).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
+UNK_TOKEN = "<|unk|>"
+MASK_TOKEN = "<|mask|>"
+# UL2's paradigm tokens (Tay et al. 2022): regular, sequential (prefix LM) and extreme denoising.
+DENOISER_TOKENS = {"r": "<|r_denoiser|>", "s": "<|s_denoiser|>", "x": "<|x_denoiser|>"}
+SENTINEL_TOKEN = "<|sentinel_{}|>"
 
 
 @dataclass
@@ -219,6 +230,36 @@ class TokenizerConfig:
     num_sentinel_tokens: int = 0
     model_max_length: int = 2048
 
+    def special_tokens(self) -> list[str]:
+        """The special tokens a tokenizer trained with this config has, in id order (id = list index)."""
+        tokens = [self.eos_token, self.pad_token, IM_START, IM_END]
+        if self.fim_tokens:
+            tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
+        tokens += [f"<|reserved_{i}|>" for i in range(max(self.num_reserved_tokens, 0))]
+        if self.mask_token:
+            tokens.append(MASK_TOKEN)
+        if self.num_sentinel_tokens > 0:
+            tokens += [*DENOISER_TOKENS.values(), *(SENTINEL_TOKEN.format(i) for i in range(self.num_sentinel_tokens))]
+        if self.model in ("unigram", "wordpiece"):
+            tokens.append(UNK_TOKEN)
+        return tokens
+
+    def __post_init__(self) -> None:
+        # Checked on load, so a run does not filter and dedup a corpus before finding out.
+        _require_at_least_one(self, "tokenizer", ("min_frequency", "train_bytes", "model_max_length"))
+        if self.num_reserved_tokens < 0:
+            raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {self.num_reserved_tokens}")
+        if self.num_sentinel_tokens < 0:
+            raise ConfigError(f"tokenizer.num_sentinel_tokens: must be >= 0, got {self.num_sentinel_tokens}")
+        specials = self.special_tokens()
+        if len(set(specials)) != len(specials):
+            raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
+        # Byte-level BPE and byte-fallback Unigram need all 256 bytes plus the special tokens.
+        minimum = len(specials) + (256 if self.model in ("bpe", "unigram") else 1) + 1
+        if self.vocab_size < minimum:
+            raise ConfigError(f"tokenizer.vocab_size: must be >= {minimum} for model {self.model}, "
+                              f"got {self.vocab_size}")
+
 
 @dataclass
 class PackConfig:
@@ -230,6 +271,55 @@ class PackConfig:
     fim_rate: float = 0.0
     fim_spm_rate: float = 0.5
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require_at_least_one(self, "pack", ("seq_len", "batch_docs", "batch_chars"))
+
+
+@dataclass
+class RayConfig:
+    """`executor: ray`. Every node needs Ember installed and `output_dir` on a shared filesystem."""
+
+    # An existing cluster ("ray://head:10001", "auto"); empty: RAY_ADDRESS, else a local instance.
+    address: str | None = None
+    num_cpus: int | None = None  # CPUs of a local instance (default: all)
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
+    workers: int = -1  # tasks running at once (-1: as many as the cluster fits)
+    log_to_driver: bool = False  # task logs are in <output_dir>/executor/<step>/logs either way
+
+    def __post_init__(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"ray.num_cpus: must be >= 1, got {self.num_cpus}")
+        _require_at_least_one(self, "ray", ("cpus_per_task",))
+        if self.mem_per_cpu_gb <= 0:
+            raise ConfigError(f"ray.mem_per_cpu_gb: must be > 0, got {self.mem_per_cpu_gb}")
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"ray.workers: must be >= 1 or -1, got {self.workers}")
+
+
+@dataclass
+class SlurmConfig:
+    """`executor: slurm`: sbatch settings of every job (`output_dir` must be on a shared filesystem)."""
+
+    partition: str | None = None
+    time: str = "24:00:00"
+    qos: str | None = None
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    workers: int = -1  # array tasks running at once (-1: no limit)
+    job_name: str = "ember_data"
+    # Shell line that puts the right `python` on PATH in a job; default: this interpreter's directory.
+    env_command: str | None = None
+    sbatch_args: dict[str, str] = field(default_factory=dict)  # e.g. {account: myproject}
+    mail_user: str | None = None
+
+    def __post_init__(self) -> None:
+        _require_at_least_one(self, "slurm", ("cpus_per_task", "mem_per_cpu_gb"))
+        if self.workers == 0 or self.workers < -1:
+            raise ConfigError(f"slurm.workers: must be >= 1 or -1, got {self.workers}")
+        if not isinstance(self.sbatch_args, dict):
+            raise ConfigError(f"slurm.sbatch_args: expected a mapping, got {type(self.sbatch_args).__name__}")
 
 
 @dataclass
@@ -251,6 +341,10 @@ class PipelineConfig:
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pack: PackConfig = field(default_factory=PackConfig)
+    # Where tasks run: this machine, a Ray cluster, or Slurm array jobs (data_prep/executors.py).
+    executor: Literal["local", "ray", "slurm"] = "local"
+    ray: RayConfig = field(default_factory=RayConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         if self.num_shards < 1:
@@ -267,10 +361,13 @@ class PipelineConfig:
                 raise ConfigError(f"sources.{i}.path: a hub source needs a dataset name or folder")
             if source.type == "local" and not source.paths:
                 raise ConfigError(f"sources.{i}.paths: a local source needs at least one path")
+            if source.max_docs is not None and source.max_docs < 1:
+                raise ConfigError(f"sources.{i}.max_docs: must be >= 1 (leave it out for no limit), "
+                                  f"got {source.max_docs}")
+        if self.max_doc_bytes < 1:
+            raise ConfigError(f"max_doc_bytes: must be >= 1, got {self.max_doc_bytes}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
-        if self.pack.seq_len < 1:
-            raise ConfigError(f"pack.seq_len: must be >= 1, got {self.pack.seq_len}")
         for key in ("fim_rate", "fim_spm_rate"):
             if not 0.0 <= getattr(self.pack, key) <= 1.0:
                 raise ConfigError(f"pack.{key}: must be in [0, 1], got {getattr(self.pack, key)}")
@@ -288,129 +385,16 @@ class PipelineConfig:
 
 
 # Keys holding paths, rebased against the YAML's directory when relative.
-_PATH_KEYS = {"output_dir", "sources.*.paths.*", "sources.*.path", "toxicity.wordlist", "decontam.eval_files.*",
-              "tokenizer.path"}
+PATH_KEYS = ("output_dir", "sources.*.paths.*", "sources.*.path", "toxicity.wordlist", "decontam.eval_files.*",
+             "tokenizer.path")
 
 
-def _convert(value: Any, annotation: Any, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return _build(annotation, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        return _convert(value, non_none[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        return [_convert(v, args[0], f"{key}.{i}") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation in (int, float, str, bool):
-        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: required key is missing")
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from None
-
-
-def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text != "" else ""
-
-
-def apply_override(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.0.c` in a nested dict/list structure, creating mappings as needed."""
-    parts = dotted.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: no such list item")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"{dotted}: no such list item")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _rebase_paths(raw: Any, base: Path, prefix: str = "") -> Any:
-    if isinstance(raw, dict):
-        return {k: _rebase_paths(v, base, f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_rebase_paths(v, base, f"{prefix}.{i}") for i, v in enumerate(raw)]
-    if isinstance(raw, str) and _is_path_key(prefix) and not Path(raw).expanduser().is_absolute():
-        return str(base / raw)
-    return raw
-
-
-def _is_path_key(dotted: str) -> bool:
-    parts = dotted.split(".")
-    for pattern in _PATH_KEYS:
-        pat = pattern.split(".")
-        if len(pat) == len(parts) and all(p == "*" and q.isdigit() or p == q for p, q in zip(pat, parts)):
-            return True
-    return False
-
-
-def read_yaml_mapping(path: Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; a missing file or bad YAML is a one-line ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return loaded
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_config(path: str | Path | None = None, overrides: list[str] | Mapping[str, Any] | None = None,
                 raw: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML (or a ready dict), apply `key=value` overrides, validate."""
-    if path is not None:
-        path = Path(path)
-        raw = _rebase_paths(read_yaml_mapping(path), path.resolve().parent)
-    raw = dict(raw or {})
-    for item in overrides or []:
-        key, sep, value = item.removeprefix("--").partition("=")
-        if not sep:
-            raise ConfigError(f"{item}: overrides are written --key=value")
-        parsed = _parse_scalar(value)
-        if _is_path_key(key) and isinstance(parsed, str):
-            parsed = str(Path(parsed).expanduser().resolve())
-        apply_override(raw, key, parsed)
-    return _build(PipelineConfig, raw)
+    """Load a pipeline YAML (or a ready dict) and validate it, after `overrides`: command-line `--key=value`
+    strings, or a mapping of (dotted) keys to typed values."""
+    typed = overrides if isinstance(overrides, Mapping) else None
+    argv = [] if typed is not None else list(overrides or [])
+    (cfg,) = parse_args((PipelineConfig,), argv, config=path if path is not None else raw or {}, overrides=typed,
+                        path_keys=PATH_KEYS)
+    return cfg

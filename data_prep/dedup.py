@@ -38,6 +38,7 @@ from array import array
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import regex
@@ -315,13 +316,14 @@ def _read_removals(path: Path) -> dict[str, list[int]]:
         raise ValueError(f"{path}: unreadable dedup removal file ({type(err).__name__}: {err})") from None
 
 
-def load_removals(path: Path) -> dict[int, str]:
-    """Document index in the shard's stream -> "exact_duplicate" or "near_duplicate"."""
-    removals = _read_removals(path)
-    return {i: REASONS[r] for i, r in zip(removals["index"], removals["reason"])}
+class Removal(NamedTuple):
+    reason: str  # "exact_duplicate" or "near_duplicate"
+    kept_shard: int  # where the document kept in its place is: shard, and index in that shard's stream
+    kept_index: int
 
 
-def load_duplicate_of(path: Path) -> dict[int, tuple[int, int]]:
-    """Document index in the shard's stream -> (shard, index) of the document kept in its place."""
+def load_removals(path: Path) -> dict[int, Removal]:
+    """Document index in the shard's stream -> why it goes and which document is kept in its place."""
     removals = _read_removals(path)
-    return {i: (s, k) for i, s, k in zip(removals["index"], removals["kept_shard"], removals["kept_index"])}
+    return {i: Removal(REASONS[r], s, k) for i, r, s, k in
+            zip(removals["index"], removals["reason"], removals["kept_shard"], removals["kept_index"])}

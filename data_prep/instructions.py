@@ -1,7 +1,7 @@
 """Instruction examples from the training corpus: "docstring -> function" pairs for finetuning.
 
-    python -m data_prep.instructions --data_dir outputs/data/stdlib --output outputs/instructions/stdlib \\
-        [--max_examples N] [--validation_fraction F]
+    python -m data_prep.instructions --data_dir=outputs/data/stdlib --output=outputs/instructions/stdlib \\
+        [--max_examples=N] [--validation_fraction=F]
 
 Every public module-level function with a docstring in the code documents of a data_prep run becomes
 one example. The prompt names the function and its signature and gives the docstring; the response is
@@ -17,23 +17,23 @@ Only `documents/train/` is read, so the held-out documents stay unseen by finetu
 is deterministic: documents in shard order, functions in source order, the first of identical prompts
 kept, and an example's split decided by a hash of its prompt alone (adding or removing other examples
 never moves it). Writes `train.jsonl` and `validation.jsonl` ({"id", "messages": [user, assistant]}
-records, the format `modeling.finetune` reads) and `report.json` with the counts. Documents that do
+records, the format `training.finetune` reads) and `report.json` with the counts. Documents that do
 not parse as Python are counted, not fatal.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli import ConfigError, parse_args, report_error
 from data_prep.io import DOC_SHARD_SUFFIX, atomic_write_text, read_docs
 
 PROMPT_TEMPLATE = "Write a Python {kind} `{signature}` that does the following:\n{docstring}"
@@ -199,19 +199,23 @@ def build_instruction_set(source: str | Path | list[str], output_dir: str | Path
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.instructions", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_dir", required=True, help="output_dir of a data_prep run (documents/train/ is read)")
-    parser.add_argument("--output", required=True, help="folder for train.jsonl, validation.jsonl, report.json")
-    parser.add_argument("--max_examples", type=int, default=None, help="stop after this many unique examples")
-    parser.add_argument("--validation_fraction", type=float, default=0.05)
-    args = parser.parse_args(argv)
+@dataclass
+class InstructionArguments:
+    data_dir: str = field(metadata={"help": "output_dir of a data_prep run (documents/train/ is read)"})
+    output: str = field(metadata={"help": "folder for train.jsonl, validation.jsonl, report.json"})
+    max_examples: int | None = field(default=None, metadata={"help": "stop after this many unique examples"})
+    validation_fraction: float = 0.05
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        (args,) = parse_args((InstructionArguments,), sys.argv[1:] if argv is None else argv,
+                             prog="python -m data_prep.instructions", description=__doc__.split("\n\n")[0],
+                             path_keys=("data_dir", "output"), space_values=True)
         report = build_instruction_set(args.data_dir, args.output, validation_fraction=args.validation_fraction,
                                        max_examples=args.max_examples)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
     counts = report["counts"]
     print(f"instructions: {report['train']:,} train + {report['validation']:,} validation examples from "
           f"{counts.get('documents', 0):,} documents ({counts.get('unparseable', 0):,} unparseable, "

@@ -220,10 +220,6 @@ class PackedShardWriter:
         elif self.metadata is None:
             self.close()
 
-    def add_document(self, token_ids: Sequence[int] | np.ndarray) -> None:
-        """Append one document's ids followed by EOS."""
-        self.add_documents([token_ids])
-
     def add_documents(self, token_lists: Sequence[Sequence[int] | np.ndarray]) -> None:
         """Append many documents at once (the fast path: one numpy concatenation, one write)."""
         if self.metadata is not None:

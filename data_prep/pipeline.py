@@ -33,16 +33,20 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from tqdm.auto import tqdm
 
-from data_prep.config import PipelineConfig
+from data_prep.config import ConfigError, PackConfig, PipelineConfig, load_config
 from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
-from data_prep.report import StepReport, format_table, load_reports, merge_reports, save_reports
+from data_prep.report import StepReport, accounting, format_table, load_reports, merge_reports, save_reports
+
+if TYPE_CHECKING:
+    from data_prep.dedup import Removal
 
 STEPS = ("filter", "dedup", "split", "tokenizer", "pack")
+RUN_CONFIG_FILE = "pipeline_config.yaml"  # the run's settings, written at its start
 SPLITS = ("train", "validation")
 HELDOUT_SAMPLE_BYTES = 20_000_000  # validation text the tokenizer's compression is measured on
 
@@ -112,7 +116,7 @@ def filter_shard(cfg: PipelineConfig, index: int) -> Path:
                         mininterval=2, disable=None):
             text: str | None = doc["text"]
             for report, stage in stages:
-                text = _through(report, stage, text, doc["kind"], doc["id"])
+                text = _through(report, stage, text, doc["kind"], doc["id"], doc["source"])
                 if text is None:
                     break
             if text is None:
@@ -131,17 +135,17 @@ def filter_shard(cfg: PipelineConfig, index: int) -> Path:
     return out
 
 
-def _through(report: StepReport, stage, text: str, kind: str, where: str) -> str | None:
+def _through(report: StepReport, stage, text: str, kind: str, where: str, source: str) -> str | None:
     """Run one filter stage on a document, accounting for it; None when the document is removed."""
-    report.seen(text)
+    report.seen(text, source)
     new_text, reason = stage(text, kind)
     if new_text is None or reason:
-        report.remove(reason or "removed", where)
+        report.remove(reason or "removed", where, source=source)
         return None
     if not new_text.strip():
-        report.remove(f"empty_after_{report.step}", where)
+        report.remove(f"empty_after_{report.step}", where, source=source)
         return None
-    report.kept(new_text)
+    report.kept(new_text, source)
     return new_text
 
 
@@ -170,7 +174,7 @@ def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     return outs
 
 
-def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
+def _routed(source: Path, removals: dict[int, Removal], fraction: float, split: str,
             reports: tuple[StepReport, StepReport] | None) -> Iterator[dict[str, Any]]:
     docs = read_docs(source)
     if reports:
@@ -180,13 +184,13 @@ def _routed(source: Path, removals: dict[int, str], fraction: float, split: str,
         target = "validation" if is_validation(doc["id"], fraction) else "train"
         if reports:
             dedup, split_report = reports
-            dedup.seen(doc["text"])
+            dedup.seen(doc["text"], doc["source"])
             if position in removals:
-                dedup.remove(removals[position], doc["id"])
+                dedup.remove(removals[position].reason, doc["id"], source=doc["source"])
             else:
-                dedup.kept(doc["text"])
-                split_report.seen(doc["text"])
-                split_report.kept(doc["text"])
+                dedup.kept(doc["text"], doc["source"])
+                split_report.seen(doc["text"], doc["source"])
+                split_report.kept(doc["text"], doc["source"])
                 split_report.extra[f"docs/{target}"] += 1
         if position not in removals and target == split:
             yield doc
@@ -251,7 +255,7 @@ def dedup_plan(cfg: PipelineConfig) -> Path:
 
 def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     """Train the tokenizer on train documents (up to `tokenizer.train_bytes`) or copy `tokenizer.path`."""
-    from data_prep.tokenizer import compression_stats, load_tokenizer, train_tokenizer
+    from data_prep.tokenizer import compression_stats, load_tokenizer, save_tokenizer, train_tokenizer
 
     out = cfg.step_dir("tokenizer")
     report_path = cfg.root / "tokenizer_report.json"
@@ -264,12 +268,14 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         raise PipelineError(f"tokenizer: split shards not finished yet: {', '.join(missing)}")
     if cfg.tokenizer.path:
         tokenizer = load_tokenizer(cfg.tokenizer.path)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
         trained_on = None
     else:
         used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself
         try:
             tokenizer = train_tokenizer(_round_robin(train_files), cfg.tokenizer, out, used=used)
+        except ConfigError:
+            raise
         except ValueError:
             if used.get("bytes"):
                 raise
@@ -314,18 +320,29 @@ _GLOBAL_FUNCTIONS = {"dedup": dedup_plan, "tokenizer": train_or_load_tokenizer}
 
 
 def run_step(cfg: PipelineConfig, step: str, shard_indices: list[int] | None = None, workers: int = 1) -> None:
+    start = time.perf_counter()
     if step in _GLOBAL_FUNCTIONS:
         _GLOBAL_FUNCTIONS[step](cfg)
+        _progress(f"{step} done", start)
         return
     indices = list(range(cfg.num_shards)) if shard_indices is None else shard_indices
     function = _SHARD_FUNCTIONS[step]
     if workers <= 1 or len(indices) <= 1:
-        for index in indices:
-            function(cfg, index)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(function, [cfg] * len(indices), indices):
-            pass
+        results = (function(cfg, index) for index in indices)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        results = pool.map(function, [cfg] * len(indices), indices)
+    try:
+        for done, _ in enumerate(results, start=1):
+            _progress(f"{step} {done}/{len(indices)} shards", start)
+    finally:
+        if workers > 1 and len(indices) > 1:
+            pool.shutdown()
+
+
+def _progress(what: str, start: float) -> None:
+    """One line per finished unit of work: the progress shown when the output is a file (no bars there)."""
+    print(f"[data_prep] {what} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
 def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indices: list[int] | None = None,
@@ -342,7 +359,22 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     cfg.root.mkdir(parents=True, exist_ok=True)
     if shard_indices is None:  # array tasks may be writing beside us otherwise
         remove_stale_temporaries(cfg.root)
-    atomic_write_text(cfg.root / "pipeline_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(cfg.root / RUN_CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.executor != "local" and shard_indices is None:
+        from data_prep import executors
+
+        ordered = [step for step in STEPS if step in steps]
+        if cfg.executor == "slurm":
+            jobs = executors.submit_slurm(cfg, ordered)
+            print(f"[data_prep] submitted to Slurm: {', '.join(f'{k} {v}' for k, v in jobs.items())}; "
+                  f"`python -m data_prep status` with this config shows progress")
+            return []
+        timings = executors.run_ray(cfg, ordered)
+        remove_stale_temporaries(cfg.root)  # left by tasks whose worker was killed and retried
+        reports = collect_reports(cfg)
+        if reports:
+            write_summary(cfg, reports, timings)
+        return reports
     timings = {}
     for step in STEPS:
         if step not in steps:
@@ -360,6 +392,25 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
     if reports:
         write_summary(cfg, reports, timings)
     return reports
+
+
+def packing_settings(data_dir: str | Path) -> PackConfig:
+    """How a finished run packed its documents (its `pack` section), for packing more the same way on the fly;
+    the defaults for a folder that no pipeline run wrote."""
+    saved = Path(data_dir) / RUN_CONFIG_FILE
+    return load_config(saved).pack if saved.is_file() else PackConfig()
+
+
+def split_bytes_per_token(data_dir: str | Path, split: str = "validation") -> float | None:
+    """UTF-8 bytes per token of a finished run's packed `split` (from its report.json), which turns a loss in nats
+    per token into bits per byte; None when the run has no such report."""
+    try:
+        summary = json.loads((Path(data_dir) / "report.json").read_text(encoding="utf-8"))
+        step = next(s for s in summary["steps"] if s["step"] == f"pack/{split}")
+        tokens = step["extra"]["tokens"]
+        return step["bytes_in"] / tokens if tokens else None
+    except (OSError, ValueError, KeyError, StopIteration, TypeError):
+        return None
 
 
 def remove_stale_temporaries(root: Path) -> int:
@@ -388,8 +439,18 @@ def collect_reports(cfg: PipelineConfig) -> list[StepReport]:
     return merge_reports(groups)
 
 
+def write_final_report(cfg: PipelineConfig) -> None:
+    """report.json and report.txt of a run whose steps ran elsewhere (the last Slurm job)."""
+    reports = collect_reports(cfg)
+    if not reports:
+        raise PipelineError(f"{cfg.root}: not every shard is finished; nothing to report")
+    remove_stale_temporaries(cfg.root)  # left by tasks that were killed and ran again
+    write_summary(cfg, reports, {})
+
+
 def write_summary(cfg: PipelineConfig, reports: list[StepReport], timings: dict[str, float]) -> None:
-    summary: dict[str, Any] = {"steps": [r.to_dict() for r in reports], "seconds": timings}
+    summary: dict[str, Any] = {"steps": [r.to_dict() for r in reports], "records": accounting(reports),
+                               "seconds": timings}
     for name in ("tokenizer_report.json", "dedup/plan.json"):
         path = cfg.root / name
         if path.exists():

@@ -32,29 +32,45 @@ class StepReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     # Step-specific numbers (tokens written, PII replacements, ...).
     extra: Counter = field(default_factory=Counter)
+    # Per source: "in", "out" and "removed/<reason>" document counts, for the records-read accounting.
+    by_source: dict[str, Counter] = field(default_factory=dict)
 
-    def seen(self, text: str) -> None:
+    def _count(self, source: str, key: str) -> None:
+        if source:
+            self.by_source.setdefault(source, Counter())[key] += 1
+
+    def seen(self, text: str, source: str = "") -> None:
         self.docs_in += 1
         self.bytes_in += len(text.encode("utf-8", "surrogatepass"))
+        self._count(source, "in")
 
-    def kept(self, text: str) -> None:
+    def kept(self, text: str, source: str = "") -> None:
         self.docs_out += 1
         self.bytes_out += len(text.encode("utf-8", "surrogatepass"))
+        self._count(source, "out")
 
-    def remove(self, reason: str, where: str = "", nbytes: int = 0, *, fatal_in_strict: bool = False) -> None:
+    def remove(self, reason: str, where: str = "", nbytes: int = 0, *, fatal_in_strict: bool = False,
+               source: str = "") -> None:
         """Count a removed document (or unreadable record). Under strict mode, bad input raises."""
         if self.strict and fatal_in_strict:
             raise DataError(f"{where}: {reason}" if where else reason)
         self.removed[reason] += 1
+        self._count(source, f"removed/{reason}")
         if where:
             examples = self.examples.setdefault(reason, [])
             if len(examples) < MAX_EXAMPLES_PER_REASON:
                 examples.append(where)
 
-    def skip_input(self, reason: str, where: str, nbytes: int = 0) -> None:
-        """An input record that could not be read at all (malformed, not UTF-8, binary, ...)."""
+    def skip_input(self, reason: str, where: str, nbytes: int = 0, source: str = "",
+                   fatal_in_strict: bool = True) -> None:
+        """An input entry that could not be read (malformed, not UTF-8, binary, a broken path, ...):
+        read and removed, so that records read = kept + removed."""
+        if self.strict and fatal_in_strict:
+            raise DataError(f"{where}: {reason}" if where else reason)
+        self.docs_in += 1
         self.bytes_in += nbytes
-        self.remove(reason, where, fatal_in_strict=True)
+        self._count(source, "in")
+        self.remove(reason, where, source=source)
 
     def merge(self, other: StepReport) -> None:
         self.docs_in += other.docs_in
@@ -63,6 +79,8 @@ class StepReport:
         self.bytes_out += other.bytes_out
         self.removed.update(other.removed)
         self.extra.update(other.extra)
+        for source, counts in other.by_source.items():
+            self.by_source.setdefault(source, Counter()).update(counts)
         for reason, where in other.examples.items():
             mine = self.examples.setdefault(reason, [])
             mine.extend(where[: MAX_EXAMPLES_PER_REASON - len(mine)])
@@ -77,13 +95,15 @@ class StepReport:
             "removed": dict(sorted(self.removed.items())),
             "examples": self.examples,
             "extra": dict(sorted(self.extra.items())),
+            "by_source": {name: dict(sorted(counts.items())) for name, counts in sorted(self.by_source.items())},
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StepReport:
         return cls(step=data["step"], docs_in=data["docs_in"], docs_out=data["docs_out"],
                    bytes_in=data["bytes_in"], bytes_out=data["bytes_out"], removed=Counter(data["removed"]),
-                   examples={k: list(v) for k, v in data["examples"].items()}, extra=Counter(data["extra"]))
+                   examples={k: list(v) for k, v in data["examples"].items()}, extra=Counter(data["extra"]),
+                   by_source={k: Counter(v) for k, v in data.get("by_source", {}).items()})
 
 
 def save_reports(reports: list[StepReport], path: Path) -> None:
@@ -105,6 +125,50 @@ def merge_reports(groups: list[list[StepReport]]) -> list[StepReport]:
     return list(merged.values())
 
 
+def accounting(reports: list[StepReport]) -> dict[str, dict[str, Any]]:
+    """Per source and in total: records read = kept + removed, with the removals by reason over every step.
+
+    "read" is what the first step counted in; "kept" is what the last step that tracks sources let
+    through (the documents in the train and validation splits). `balanced` says whether the equation holds.
+    """
+    tracked = [r for r in reports if r.by_source]
+    if not tracked:
+        return {}
+    first, last = tracked[0], tracked[-1]
+    rows: dict[str, dict[str, Any]] = {}
+    for source in first.by_source:
+        removed: Counter = Counter()
+        for report in tracked:
+            for key, count in report.by_source.get(source, {}).items():
+                if key.startswith("removed/"):
+                    removed[key.removeprefix("removed/")] += count
+        rows[source] = {"read": first.by_source[source]["in"], "kept": last.by_source.get(source, {}).get("out", 0),
+                        "removed": dict(sorted(removed.items(), key=lambda kv: (-kv[1], kv[0])))}
+    total: Counter = Counter()
+    for row in rows.values():
+        total.update(row["removed"])
+    rows["total"] = {"read": sum(r["read"] for r in rows.values()), "kept": sum(r["kept"] for r in rows.values()),
+                     "removed": dict(sorted(total.items(), key=lambda kv: (-kv[1], kv[0])))}
+    for row in rows.values():
+        row["balanced"] = row["read"] == row["kept"] + sum(row["removed"].values())
+    return rows
+
+
+def format_accounting(rows: dict[str, dict[str, Any]]) -> str:
+    """`source: read = kept + removed (reason n, ...)`, one line per source and one for the total."""
+    if not rows:
+        return ""
+    width = max(len(name) for name in rows) + 2
+    lines = ["records read = kept + removed (by reason, over every step)"]
+    for name, row in rows.items():
+        removed = sum(row["removed"].values())
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in row["removed"].items())
+        check = "" if row["balanced"] else "   <- does not add up"
+        lines.append(f"  {name + ':':<{width}}{row['read']:>10,} = {row['kept']:,} + {removed:,}"
+                     + (f"  ({reasons})" if reasons else "") + check)
+    return "\n".join(lines)
+
+
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:,.2f}"
 
@@ -123,4 +187,5 @@ def format_table(reports: list[StepReport]) -> str:
             lines.append(f"  - {reason:<{width - 4}}{count:>12,}{where}")
         for key, value in sorted(r.extra.items()):
             lines.append(f"  · {key:<{width - 4}}{value:>12,}")
-    return "\n".join(lines)
+    summary = format_accounting(accounting(reports))
+    return "\n".join(lines + (["", summary] if summary else []))

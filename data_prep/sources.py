@@ -13,12 +13,15 @@ using their weights as probabilities; stages follow one another in order.
 
 from __future__ import annotations
 
+import errno
 import glob
 import gzip
 import io
 import json
 import math
+import os
 import sysconfig
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,6 +41,8 @@ RECORD_FEATURES = datasets.Features({
     "skip": datasets.Value("string"),
     "nbytes": datasets.Value("int64"),
 })
+# Paths a directory walk passes over that are not bad input: counted, but not fatal under --strict.
+PASSED_OVER = {"other_extension", "no_matching_files", "empty_directory"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
 TEXT_SNIFF_BYTES = 8192
 
@@ -47,19 +52,81 @@ def _has_suffix(path: Path, suffixes: tuple[str, ...] | list[str]) -> bool:
     return any(name.endswith(s) for s in suffixes)
 
 
-def expand_paths(source: SourceConfig) -> list[Path]:
-    """Resolve a local source's paths (files, globs, directories) to a sorted list of files."""
+def scan_paths(source: SourceConfig) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Resolve a local source's paths (files, globs, directories) to a sorted list of files.
+
+    Also returns every path that was passed over, with the reason: `dangling_symlink`,
+    `symlink_loop`, `empty_directory`, `other_extension` (a file in a directory that `extensions`
+    does not select), `no_matching_files` (a directory none of whose files is selected). Symbolic
+    links to directories are followed, each real directory once. A source that yields no file at
+    all is a one-line `ConfigError` that says what was skipped.
+    """
     files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for pattern in source.paths:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        if not matches or not Path(matches[0]).exists():
+        if not matches or not os.path.lexists(matches[0]):
             raise ConfigError(f"sources.{source.name}.paths: {pattern} matches no file")
         for match in map(Path, matches):
-            if match.is_dir():
-                files.extend(p for p in sorted(match.rglob("*")) if p.is_file() and _has_suffix(p, source.extensions))
+            problem = _path_problem(match)
+            if problem:
+                skipped.append((str(match), problem))
+            elif match.is_dir():
+                _walk(match, source.extensions, files, skipped, set())
             else:
                 files.append(match)
-    return files
+    if not files:
+        counts = Counter(reason for _, reason in skipped)
+        what = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+        raise ConfigError(f"sources.{source.name}.paths: no file to read ({what or 'nothing found'}; "
+                          f"e.g. {skipped[0][0] if skipped else source.paths[0]})")
+    return files, skipped
+
+
+def expand_paths(source: SourceConfig) -> list[Path]:
+    return scan_paths(source)[0]
+
+
+def _path_problem(path: Path) -> str:
+    """Why `path` cannot be followed (a broken or looping link), or "" when it can."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink_loop"
+        return "dangling_symlink" if path.is_symlink() else f"unreadable_path ({errno.errorcode.get(err.errno, err)})"
+    return ""
+
+
+def _walk(directory: Path, extensions: list[str], files: list[Path], skipped: list[tuple[str, str]],
+          ancestors: set[tuple[int, int]]) -> bool:
+    """Add the selected files under `directory` in sorted order; True when it had at least one."""
+    info = directory.stat()
+    key = (info.st_dev, info.st_ino)
+    if key in ancestors:  # a link back to a directory we are inside of
+        skipped.append((str(directory), "symlink_loop"))
+        return False
+    entries = sorted(directory.iterdir())
+    if not entries:
+        skipped.append((str(directory), "empty_directory"))
+        return False
+    found, passed_over = False, []
+    for path in entries:
+        problem = _path_problem(path)
+        if problem:
+            skipped.append((str(path), problem))
+        elif path.is_dir():
+            found |= _walk(path, extensions, files, skipped, ancestors | {key})
+        elif _has_suffix(path, extensions):
+            files.append(path)
+            found = True
+        else:
+            passed_over.append((str(path), "other_extension"))
+    if found or not passed_over:
+        skipped.extend(passed_over)
+    else:  # one entry for a directory that gives nothing, not one per file in it
+        skipped.append((str(directory), "no_matching_files"))
+    return found
 
 
 def stdlib_files() -> tuple[list[Path], dict[str, str]]:
@@ -78,12 +145,49 @@ def stdlib_files() -> tuple[list[Path], dict[str, str]]:
 # count or raise; `reason` is set when the record is unreadable.
 # ---------------------------------------------------------------------------------------------
 
+class _ZstdFrames(io.RawIOBase):
+    """Every frame of a .zst file in turn (`zstd` and parallel compressors write several). Data that
+    ends inside a frame raises EOFError, as gzip does; zstandard's stream reader would just stop."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._frame = zstandard.ZstdDecompressor().decompressobj()
+        self._in_frame, self._pending, self._offset = False, b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset == len(self._pending):
+            chunk = self._file.read(1 << 17)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed data ends inside a zstd frame")
+                return 0
+            parts = []
+            while chunk:
+                parts.append(self._frame.decompress(chunk))
+                self._in_frame = not self._frame.eof
+                chunk = self._frame.unused_data if self._frame.eof else b""
+                if self._frame.eof:
+                    self._frame = zstandard.ZstdDecompressor().decompressobj()
+            self._pending, self._offset = b"".join(parts), 0
+        size = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:size] = memoryview(self._pending)[self._offset : self._offset + size]
+        self._offset += size
+        return size
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _open_binary(path: Path) -> BinaryIO:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".zst"):
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+        return io.BufferedReader(_ZstdFrames(path))
     return open(path, "rb")
 
 
@@ -108,6 +212,10 @@ def _lines_with_limit(handle: BinaryIO, limit: int) -> Iterator[tuple[int, bytes
 
 
 def read_jsonl(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+    """Records of a JSON-lines file (plain, gzip or zstd). A file that stops being readable part way
+    (truncated or corrupt compressed data) gives its readable records, then one `unreadable_file`
+    entry located at the first line it could not read."""
+    lineno = 0
     try:
         handle = _open_binary(path)
         with handle:
@@ -119,7 +227,8 @@ def read_jsonl(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tupl
                 if not line.strip():
                     continue  # blank separator lines are not records
                 try:
-                    record = json.loads(line.decode("utf-8"))
+                    # utf-8-sig: a byte order mark (Windows editors write one at the start of a file) is not text.
+                    record = json.loads(line.decode("utf-8-sig"))
                 except UnicodeDecodeError:
                     yield where, None, size, "non_utf8"
                     continue
@@ -133,7 +242,8 @@ def read_jsonl(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tupl
                 else:
                     yield where, record[text_field], size, ""
     except (OSError, EOFError, zstandard.ZstdError) as err:
-        yield str(path), None, 0, f"unreadable_file ({type(err).__name__})"
+        where = f"{path}:{lineno + 1}" if lineno else str(path)
+        yield where, None, 0, f"unreadable_file ({type(err).__name__})"
 
 
 def read_parquet(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
@@ -175,7 +285,7 @@ def read_text_file(path: Path, max_doc_bytes: int) -> Iterator[tuple[str, str | 
         yield where, None, size, "binary_file"
         return
     try:
-        yield where, data.decode("utf-8"), size, ""
+        yield where, data.decode("utf-8").removeprefix("\ufeff"), size, ""
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         yield f"{path}:{line}", None, size, "non_utf8"
@@ -223,7 +333,10 @@ def _records(source: SourceConfig, shard_index: int, num_shards: int,
                 text = topics[item]
                 yield f"pydoc_data/topics:{item}", text, len(text.encode("utf-8")), "", "text"
         return
-    files = expand_paths(source)
+    files, skipped = scan_paths(source)
+    if k == 0:  # paths passed over are counted once, by the first shard
+        for where, reason in skipped:
+            yield where, None, 0, reason, source.kind
     by_file = len(files) >= n
     record_index = 0
     for file_index, path in enumerate(files):
@@ -325,14 +438,14 @@ def account(records: Iterator[dict[str, Any]], report: StepReport,
             finished.add(record["source"])
             continue
         if reason:
-            report.skip_input(reason, where, nbytes)
+            report.skip_input(reason, where, nbytes, source=record["source"], fatal_in_strict=reason not in PASSED_OVER)
             continue
         text = record["text"]
-        report.seen(text)
+        report.seen(text, record["source"])
         if not text.strip():
-            report.remove("empty_document", where, fatal_in_strict=True)
+            report.remove("empty_document", where, fatal_in_strict=True, source=record["source"])
             continue
-        report.kept(text)
+        report.kept(text, record["source"])
         report.extra[f"docs_from/{record['source']}"] += 1
         yield record
     for source in sources:

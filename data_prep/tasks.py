@@ -1,6 +1,6 @@
 """Two small labelled tasks made from the embedded corpus (the interpreter's standard library), offline.
 
-    python -m data_prep.tasks --output outputs/tasks/stdlib [--max_per_label N] [--validation_fraction F]
+    python -m data_prep.tasks --output=outputs/tasks/stdlib [--max_per_label=N] [--validation_fraction=F]
 
 - `package/` (sequence classification, `{"text", "label"}`): the source of a function or method from one of
   `PACKAGES`, labelled with the standard-library package it belongs to ("email", "asyncio", ...). The model
@@ -23,7 +23,6 @@ never the labels.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import io
@@ -34,8 +33,12 @@ import sysconfig
 import textwrap
 import tokenize
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli import ConfigError, parse_args, report_error
+from data_prep.documents import read_documents
 from data_prep.io import atomic_write_text
 from data_prep.sources import stdlib_files
 
@@ -126,7 +129,7 @@ def build_tasks(output: str | Path, *, max_per_label: int = 300, max_lines: int 
     counts: Counter = Counter()
     for name, path in files if files is not None else package_files():
         try:
-            source = path.read_text(encoding="utf-8")
+            source = next(read_documents(path))  # a source file is one document
             functions = function_sources(source)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             counts["unparseable_files"] += 1
@@ -170,19 +173,25 @@ def build_tasks(output: str | Path, *, max_per_label: int = 300, max_lines: int 
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tasks", description=__doc__.splitlines()[0])
-    parser.add_argument("--output", required=True, help="folder for package/ and calls/")
-    parser.add_argument("--max_per_label", type=int, default=300)
-    parser.add_argument("--max_lines", type=int, default=4000)
-    parser.add_argument("--validation_fraction", type=float, default=0.15)
-    args = parser.parse_args(argv)
+@dataclass
+class TasksArguments:
+    output: str = field(default="", metadata={"help": "folder for package/, calls/ and report.json"})
+    max_per_label: int = field(default=300, metadata={"help": "package task: training examples per package"})
+    max_lines: int = field(default=4000, metadata={"help": "calls task: training lines"})
+    validation_fraction: float = 0.15
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        (args,) = parse_args((TasksArguments,), sys.argv[1:] if argv is None else argv,
+                             prog="python -m data_prep.tasks", description=__doc__.split("\n\n")[0],
+                             path_keys=("output",))
+        if not args.output:
+            raise ConfigError("output: required (the folder to write the tasks to)")
         report = build_tasks(args.output, max_per_label=args.max_per_label, max_lines=args.max_lines,
                              validation_fraction=args.validation_fraction)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import datasets.distributed
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -73,6 +72,14 @@ def _shard_json(path: Path) -> Path:
             name = name[: -len(suffix)]
             break
     return path.with_name(name + ".json")
+
+
+def is_packed_shards(path: str | Path) -> bool:
+    """Whether `path` is a packed token shard (or a folder of them) rather than documents."""
+    path = Path(path)
+    if path.is_dir():
+        return any(p.with_suffix(".bin").is_file() for p in path.glob("*.json"))
+    return path.name.endswith((".bin", ".json", ".idx.npy"))
 
 
 def _find_shards(paths: str | Path | list) -> list[Path]:
@@ -303,34 +310,3 @@ class StreamingPackedDataset(IterableDataset):
                 return
             carry = buffer[offset:]
             upstream, position = self._upstream_state(), positions[-1] + 1
-
-
-DOCUMENT_FILE_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet")
-
-
-def open_document_stream(source: str | Path, *, text_field: str = "text", split: str = "train", rank: int = 0,
-                         world_size: int = 1) -> datasets.IterableDataset:
-    """This rank's share of a document stream, the input of `StreamingPackedDataset`.
-
-    `source` is a folder or file of documents (`python -m data_prep`'s `documents/train`, or any .jsonl,
-    .jsonl.zst, .jsonl.gz or .parquet files with a `text_field` column), else a Hub dataset name (`split`).
-    Ranks split the stream with `datasets.distributed.split_dataset_by_node`: whole files when their
-    count divides by `world_size`, else every rank reads all and keeps one document in `world_size`.
-    """
-    path = Path(source)
-    if path.exists():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.name.endswith(
-            DOCUMENT_FILE_SUFFIXES))
-        if not files:
-            raise ValueError(f"{path}: no document files ({', '.join(DOCUMENT_FILE_SUFFIXES)})")
-        builder = "parquet" if all(p.suffix == ".parquet" for p in files) else "json"
-        stream = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", streaming=True)
-    else:
-        try:
-            stream = datasets.load_dataset(str(source), split=split, streaming=True)
-        except Exception as err:  # offline, no such repo, wrong split: one line, not datasets' stack
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{source}: not a local file or folder, nor a loadable Hub dataset ({reason})") from err
-    if text_field != "text":
-        stream = stream.rename_column(text_field, "text")
-    return datasets.distributed.split_dataset_by_node(stream, rank=rank, world_size=world_size)

@@ -29,12 +29,14 @@ The objective tokens come after the reserved slots and only when asked, so a con
 gives exactly the vocabulary (and ids) it always gave.
 
 The saved directory loads offline with `transformers.AutoTokenizer.from_pretrained(dir)` as a
-`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5). `tokenizer(text)`
-adds no BOS and no EOS (`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after
-each document itself. Literal special-token text inside a document (a file that contains
-"<|endoftext|>") would still be matched as the special token by `tokenizer(text)`; the packer
-therefore calls `encode_documents`, which encodes such text as ordinary text, so the EOS id
-appears in packed data only where the packer put it.
+`PreTrainedTokenizerFast` (an alias of `TokenizersBackend` in transformers 5), in transformers 5 and
+in transformers 4.x alike: `modeling.tokenizer_config.make_portable` writes tokenizer_config.json in
+the form both read to the same ids, special tokens and chat template. `tokenizer(text)` adds no BOS and no EOS
+(`add_bos_token=False`, `add_eos_token=False`): the packer appends EOS after each document itself.
+Literal special-token text inside a document (a file that contains "<|endoftext|>") would still be
+matched as the special token by `tokenizer(text)`; the packer therefore calls `encode_documents`,
+which encodes such text as ordinary text, so the EOS id appears in packed data only where the packer
+put it.
 
 The chat template is ChatML-like; each message renders as
 
@@ -44,7 +46,6 @@ and `add_generation_prompt=True` appends `<|im_start|>assistant\\n`. No BOS is p
 An assistant message's content and its closing `<|im_end|>` sit in a `{% generation %}` block, so
 `apply_chat_template(..., return_dict=True, return_assistant_tokens_mask=True)` marks the tokens a
 finetuned model should learn to produce, stop token included (the markers render as nothing).
-`parse_chat` turns a rendered conversation back into messages.
 """
 
 from __future__ import annotations
@@ -61,19 +62,17 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
+from modeling.tokenizer_config import make_portable
+
+IM_START, IM_END, UNK_TOKEN = config.IM_START, config.IM_END, config.UNK_TOKEN
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = config.FIM_PREFIX, config.FIM_MIDDLE, config.FIM_SUFFIX
+MASK_TOKEN, DENOISER_TOKENS, SENTINEL_TOKEN = config.MASK_TOKEN, config.DENOISER_TOKENS, config.SENTINEL_TOKEN
 
 logger = logging.getLogger(__name__)
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"
-UNK_TOKEN = "<|unk|>"
-MASK_TOKEN = "<|mask|>"
-# UL2's paradigm tokens (Tay et al. 2022): regular, sequential (prefix LM) and extreme denoising.
-DENOISER_TOKENS = {"r": "<|r_denoiser|>", "s": "<|s_denoiser|>", "x": "<|x_denoiser|>"}
-SENTINEL_TOKEN = "<|sentinel_{}|>"
 
 # GPT-4 / LLaMA-3 style split, except that digits are split one by one (numbers then tokenize the
 # same way whatever their length). Letters keep one leading non-letter (" foo", "_bar"), spaces
@@ -107,7 +106,6 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
 )
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_CHAT_MESSAGE = re.compile(re.escape(IM_START) + r"([^\n]*)\n(.*?)" + re.escape(IM_END) + r"\n", re.DOTALL)
 
 # The parts of tokenizer.json that decide which ids a text gets; truncation, padding and the
 # post-processor (BOS/EOS insertion) are runtime settings and do not change packed data.
@@ -119,37 +117,10 @@ _FINGERPRINT_KEYS = ("added_tokens", "normalizer", "pre_tokenizer", "model")
 # ---------------------------------------------------------------------------------------------
 
 def special_tokens_for(cfg: TokenizerConfig) -> list[str]:
-    """The special tokens of a tokenizer trained with `cfg`, in id order (id = list index)."""
-    tokens = [cfg.eos_token, cfg.pad_token, IM_START, IM_END]
-    if cfg.fim_tokens:
-        tokens += [FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX]
-    tokens += [f"<|reserved_{i}|>" for i in range(cfg.num_reserved_tokens)]
-    if cfg.mask_token:
-        tokens.append(MASK_TOKEN)
-    if cfg.num_sentinel_tokens:
-        tokens += [*DENOISER_TOKENS.values(), *(SENTINEL_TOKEN.format(i) for i in range(cfg.num_sentinel_tokens))]
-    if cfg.model in ("unigram", "wordpiece"):
-        tokens.append(UNK_TOKEN)
-    return tokens
+    """The special tokens of a tokenizer trained with `cfg`, in id order (id = list index).
 
-
-def _check_config(cfg: TokenizerConfig, specials: list[str]) -> None:
-    if len(set(specials)) != len(specials):
-        raise ConfigError(f"tokenizer.eos_token/pad_token: special tokens must be distinct, got {specials[:2]}")
-    if cfg.num_reserved_tokens < 0:
-        raise ConfigError(f"tokenizer.num_reserved_tokens: must be >= 0, got {cfg.num_reserved_tokens}")
-    if cfg.num_sentinel_tokens < 0:
-        raise ConfigError(f"tokenizer.num_sentinel_tokens: must be >= 0, got {cfg.num_sentinel_tokens}")
-    if cfg.min_frequency < 1:
-        raise ConfigError(f"tokenizer.min_frequency: must be >= 1, got {cfg.min_frequency}")
-    if cfg.train_bytes < 1:
-        raise ConfigError(f"tokenizer.train_bytes: must be >= 1, got {cfg.train_bytes}")
-    if cfg.model_max_length < 1:
-        raise ConfigError(f"tokenizer.model_max_length: must be >= 1, got {cfg.model_max_length}")
-    # Byte-level BPE and byte-fallback Unigram need all 256 bytes plus the special tokens.
-    minimum = len(specials) + (256 if cfg.model in ("bpe", "unigram") else 1) + 1
-    if cfg.vocab_size < minimum:
-        raise ConfigError(f"tokenizer.vocab_size: must be >= {minimum} for model {cfg.model}, got {cfg.vocab_size}")
+    The config validates itself on construction (vocabulary large enough for them, distinct names)."""
+    return cfg.special_tokens()
 
 
 def _without_surrogates(text: str) -> str:
@@ -247,13 +218,19 @@ def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreT
     )
 
 
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
+    """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
+    tokenizer.save_pretrained(output_dir)
+    make_portable(output_dir)
+
+
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:
     """Save into a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     old = None
     try:
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if output_dir.exists():
             old = output_dir.with_name(f"{tmp.name}.old")
             os.replace(output_dir, old)
@@ -275,7 +252,6 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path
     `used`, when given, receives the documents and bytes actually trained on (`docs`, `bytes`).
     """
     specials = special_tokens_for(cfg)
-    _check_config(cfg, specials)
     backend, trainer = _build_backend(cfg, specials)
     counts = used if used is not None else {}
     counts.update(docs=0, bytes=0)
@@ -336,17 +312,6 @@ def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerFast | Tokenizer 
     canonical = json.dumps({key: state.get(key) for key in _FINGERPRINT_KEYS},
                            sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Ids of eos, pad, and (when the vocabulary has them) the FIM, chat, mask and UL2 denoiser tokens."""
-    ids = {"eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    optional = {"fim_prefix": FIM_PREFIX, "fim_middle": FIM_MIDDLE, "fim_suffix": FIM_SUFFIX,
-                "im_start": IM_START, "im_end": IM_END, "mask": MASK_TOKEN,
-                **{f"{mode}_denoiser": token for mode, token in DENOISER_TOKENS.items()}}
-    vocab = tokenizer.get_vocab()
-    ids.update({name: vocab[token] for name, token in optional.items() if token in vocab})
-    return ids
 
 
 def sentinel_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
@@ -413,8 +378,3 @@ def compression_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], 
     stats["bytes_per_token"] = stats["bytes"] / tokens if tokens else 0.0
     stats["chars_per_token"] = stats["chars"] / tokens if tokens else 0.0
     return stats
-
-
-def parse_chat(rendered: str) -> list[dict[str, str]]:
-    """Messages of a conversation rendered by the chat template (a trailing generation prompt is ignored)."""
-    return [{"role": role, "content": content} for role, content in _CHAT_MESSAGE.findall(rendered)]

@@ -2,6 +2,7 @@
 
     python -m modeling.convert to-hf SRC DST     # Ember -> LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM
     python -m modeling.convert from-hf SRC DST   # stock Llama / Mistral / Mixtral -> EmberForCausalLM
+    python -m modeling.convert to-gguf SRC OUT.gguf [--outtype=q8_0]   # llama.cpp, see modeling/gguf.py
 
 Ember's module names are those of `LlamaForCausalLM` (and its MoE layers are laid out as
 `MixtralForCausalLM` keeps them in memory), so both directions copy the state dict key for key,
@@ -27,16 +28,22 @@ older readers look for (transformers 4.x, vLLM, TGI, llama.cpp's convert script)
 `rope_theta`, a `rope_scaling` dict when the RoPE type is not "default", and `torch_dtype`. It
 has no `auto_map` and no code files, so it loads without `trust_remote_code`. Mixtral weights are
 saved by transformers in Mixtral's original per-expert layout (`block_sparse_moe.experts.N.w1`),
-which those readers expect.
+which those readers expect. The tokenizer_config.json is rewritten in the form transformers 4.x reads
+too (`modeling.tokenizer_config.make_portable`), so the export loads there with the same ids and logits.
+
+llama.cpp runs a Mistral / Mixtral export without its sliding window (its `llama` architecture
+attends to the whole context), so `to-hf` warns when it writes one; `to-gguf` refuses such models.
 """
 
-import argparse
 import copy
 import json
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import (
@@ -51,7 +58,11 @@ from transformers import (
     PreTrainedModel,
 )
 
+from cli import ConfigError, parse_args, report_error
+
 from . import EmberConfig, EmberForCausalLM
+from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
+from .tokenizer_config import make_portable
 
 # Fields spelled the same, with the same meaning, in Ember and in the stock configs.
 SHARED_FIELDS = (
@@ -84,18 +95,6 @@ STOCK_CLASSES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] =
     "mistral": (MistralConfig, MistralForCausalLM),
     "mixtral": (MixtralConfig, MixtralForCausalLM),
 }
-# Files copied verbatim from SRC to DST when present.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 GENERATION_CONFIG_FILE = "generation_config.json"
 EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py", "modeling_ember_heads.py")
 
@@ -195,7 +194,16 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     for name in EMBER_CODE_FILES:  # left over from an earlier Ember save into the same folder
         (dst / name).unlink(missing_ok=True)
     _copy_side_files(src, dst)
+    if (dst / "tokenizer_config.json").is_file():
+        make_portable(dst)
     _write_legacy_config_keys(dst / "config.json")
+    if getattr(hf_model.config, "sliding_window", None) is not None:
+        warnings.warn(
+            f"sliding_window={hf_model.config.sliding_window}: transformers, vLLM and TGI apply it, but llama.cpp "
+            "does not (its llama architecture attends to the whole context): its outputs differ past the window",
+            UserWarning,
+            stacklevel=2,
+        )
     return type(hf_model).__name__
 
 
@@ -282,36 +290,59 @@ def _write_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m modeling.convert` command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modeling.convert",
-        description="Convert checkpoints between Ember and transformers' stock Llama / Mistral / Mixtral classes.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    to = commands.add_parser("to-hf", help="Ember checkpoint -> stock LlamaForCausalLM / Mistral / Mixtral")
-    to.add_argument("src", help="folder of an Ember checkpoint (save_pretrained output)")
-    to.add_argument("dst", help="folder to write the stock checkpoint to")
-    back = commands.add_parser("from-hf", help="stock Llama / Mistral / Mixtral checkpoint -> Ember")
-    back.add_argument("src", help="folder of a stock Llama / Mistral / Mixtral checkpoint")
-    back.add_argument("dst", help="folder to write the Ember checkpoint to")
-    return parser
+COMMANDS = {"to-hf": "Ember checkpoint -> stock LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM",
+            "from-hf": "stock Llama / Mistral / Mixtral checkpoint -> Ember",
+            "to-gguf": "Ember checkpoint or LoRA adapter -> one GGUF file for llama.cpp"}
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class ConvertArguments:
+    src: str = field(metadata={"help": "the checkpoint folder to convert (first positional argument)"})
+    dst: str = field(metadata={"help": "the folder to write (second positional argument)"})
+
+
+@dataclass
+class GgufArguments:
+    src: str = field(metadata={"help": "Ember checkpoint or LoRA adapter folder (first positional argument)"})
+    out: str = field(metadata={"help": "the .gguf file to write (second positional argument)"})
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = field(default="f16", metadata={
+        "help": "storage of the weight matrices (norms, biases and the MoE router stay f32)"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; a bad input ends with a one-line `error:` message and exit status 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "python -m modeling.convert COMMAND SRC DST\n" + "\n".join(f"  {k:<8} {v}" for k, v in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__ + "\ncommands:\n" + usage)
+        return 0 if argv else 2
+    command, argv = argv[0], argv[1:]
     try:
-        if args.command == "to-hf":
+        if command not in COMMANDS:
+            raise ConfigError(f"{command}: unknown command (one of {', '.join(COMMANDS)})")
+        if command == "to-gguf":
+            return _to_gguf_command(argv)
+        (args,) = parse_args((ConvertArguments,), argv, prog=f"python -m modeling.convert {command}",
+                             description=COMMANDS[command], positionals=("src", "dst"), path_keys=("src", "dst"))
+        if command == "to-hf":
             class_name = to_hf(args.src, args.dst)
             print(f"wrote {class_name} to {args.dst}")
         else:
             from_hf(args.src, args.dst)
             print(f"wrote EmberForCausalLM to {args.dst}")
-    except (ValueError, OSError) as err:
-        message = " ".join(str(err).split())  # keep it on one line
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
+    return 0
+
+
+def _to_gguf_command(argv: list[str]) -> int:
+    from .gguf import to_gguf
+
+    (args,) = parse_args((GgufArguments,), argv, prog="python -m modeling.convert to-gguf",
+                         description=COMMANDS["to-gguf"], positionals=("src", "out"), path_keys=("src", "out"))
+    written = to_gguf(args.src, args.out, args.outtype)
+    print(f"wrote {written['outtype']} GGUF (llama.cpp architecture {written['architecture']}, "
+          f"pre-tokenizer {written['pre_tokenizer']}) to {args.out}")
     return 0
 
 

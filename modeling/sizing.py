@@ -6,16 +6,19 @@ figures are the standard estimates from the literature, with their assumptions s
 
 Command line::
 
-    python -m modeling.sizing --preset 1b --seq-len 2048 --tokens 2e10 --num-gpus 8 --gpu H100 --mfu 0.4
-    python -m modeling.sizing --preset nano --override num_local_experts=8 --json
+    python -m modeling.sizing --preset=1b --seq_len=2048 --tokens=2e10 --num_gpus=8 --gpu=H100 --mfu=0.4
+    python -m modeling.sizing --preset=nano --model_overrides.num_local_experts=8 --json
 """
 
-import argparse
-import ast
 import dataclasses
 import json
 import math
 import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cli import ConfigError, parse_args, report_error
 
 from .configuration_ember import PRESETS, EmberConfig
 
@@ -219,30 +222,42 @@ def memory_per_gpu(
     return memory
 
 
-def _parse_value(text: str) -> object:
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+@dataclass
+class SizingArguments:
+    preset: str = field(metadata={"help": f"one of {sorted(PRESETS)}"})
+    model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
+    seq_len: int | None = field(default=None, metadata={"help": "default: the config's max_position_embeddings"})
+    tokens: float | None = field(default=None, metadata={"help": "default: 20 tokens per parameter (Chinchilla)"})
+    num_gpus: int = 1
+    gpu: str = field(default="H100", metadata={"help": f"one of {list(PEAK_FLOPS)}"})
+    peak_tflops: float | None = field(default=None, metadata={"help": "dense peak per GPU, overrides gpu's entry"})
+    mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation, 0-1"})
+    micro_batch_size: int = 1
+    activation_checkpointing: bool = False
+    flash_attention: bool = field(default=False, metadata={"help": "drop the stored s x s attention scores"})
+    json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
 
 
-def build_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    overrides = {}
-    fields = {f.name for f in dataclasses.fields(EmberConfig)}
-    for item in args.override:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--override: expected key=value, got {item!r}")
-        if key not in fields:
-            parser.error(f"--override: unknown config field {key!r}")
-        overrides[key] = _parse_value(value)
+def build_report(args: SizingArguments) -> dict:
+    if args.preset not in PRESETS:
+        raise ConfigError(f"preset: unknown name {args.preset!r}; choose one of {sorted(PRESETS)}")
+    for key in ("num_gpus", "micro_batch_size", "seq_len", "tokens"):
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"mfu: must be in (0, 1], got {args.mfu}")
+    known = {f.name for f in dataclasses.fields(EmberConfig)}
+    unknown = sorted(set(args.model_overrides) - known)
+    if unknown:
+        raise ConfigError(f"model_overrides.{unknown[0]}: unknown EmberConfig field")
     try:
-        config = EmberConfig.from_preset(args.preset, **overrides)
-    except Exception as err:  # ValueError from Ember's checks, strict-dataclass errors on bad types
-        parser.error(" ".join(str(err).split()))
+        config = EmberConfig.from_preset(args.preset, **args.model_overrides)
+    except Exception as err:  # Ember's own checks, and the strict config dataclass's type checks
+        raise ConfigError(f"model_overrides: {' '.join(str(err).split())}") from None
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak_flops_for_device(args.gpu)
     if peak is None:
-        parser.error(f"--gpu: unknown device {args.gpu!r}; choose one of {list(PEAK_FLOPS)} or pass --peak-tflops")
+        raise ConfigError(f"gpu: unknown device {args.gpu!r}; choose one of {list(PEAK_FLOPS)} or give peak_tflops")
     seq_len = args.seq_len or config.max_position_embeddings
     tokens = args.tokens if args.tokens is not None else CHINCHILLA_TOKENS_PER_PARAM * count_parameters(config)
     seconds = training_time(config, tokens, args.num_gpus, peak, args.mfu, seq_len)
@@ -254,7 +269,7 @@ def build_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> d
         for strategy in STRATEGIES
     }
     return {
-        "preset": args.preset, "overrides": overrides, "seq_len": seq_len, "tokens": tokens,
+        "preset": args.preset, "overrides": args.model_overrides, "seq_len": seq_len, "tokens": tokens,
         "parameters": count_parameters(config), "active_parameters": active_parameters(config),
         "breakdown": parameter_breakdown(config), "flops_per_token": flops_per_token(config, seq_len),
         "training_flops": training_flops(config, tokens, seq_len),
@@ -285,28 +300,33 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modeling.sizing", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", required=True, help=f"one of {sorted(PRESETS)}")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config field")
-    parser.add_argument("--seq-len", type=int, help="default: the config's max_position_embeddings")
-    parser.add_argument("--tokens", type=float, help="default: 20 tokens per parameter (Chinchilla)")
-    parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--gpu", default="H100", help=f"one of {list(PEAK_FLOPS)}")
-    parser.add_argument("--peak-tflops", type=float, help="dense peak per GPU, overrides --gpu's table entry")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation, 0-1")
-    parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--flash-attention", action="store_true", help="drop the stored s x s attention scores")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    if args.preset not in PRESETS:
-        parser.error(f"--preset: unknown name {args.preset!r}; choose one of {sorted(PRESETS)}")
-    if min(args.num_gpus, args.micro_batch_size, args.seq_len or 1, args.tokens or 1) <= 0 or not 0 < args.mfu <= 1:
-        parser.error("--num-gpus, --micro-batch-size, --seq-len and --tokens must be positive, --mfu in (0, 1]")
-    report = build_report(args, parser)
+def _old_overrides(argv: list[str]) -> list[str]:
+    """The old `--override KEY=VALUE` spelling as `--model_overrides.KEY=VALUE`, with a deprecation line."""
+    result, rest = [], list(argv)
+    while rest:
+        token = rest.pop(0)
+        if token == "--override" and rest:
+            token = f"--override={rest.pop(0)}"
+        if token.startswith("--override="):
+            key, _, value = token.removeprefix("--override=").partition("=")
+            print(f"warning: --override {key}={value} is deprecated, write --model_overrides.{key}={value}",
+                  file=sys.stderr)
+            token = f"--model_overrides.{key}={value}"
+        result.append(token)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        (args,) = parse_args((SizingArguments,), _old_overrides(list(sys.argv[1:] if argv is None else argv)),
+                             prog="python -m modeling.sizing", description=__doc__.splitlines()[0],
+                             space_values=True)
+        report = build_report(args)
+    except ConfigError as err:
+        return report_error(err)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

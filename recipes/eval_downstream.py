@@ -1,104 +1,76 @@
 """Downstream benchmarks of a checkpoint with lm-evaluation-harness (`pip install -e ".[eval]"`).
 
-    python recipes/eval_downstream.py --model outputs/ember-125m --tasks hellaswag,arc_easy,piqa \\
-        [--num_fewshot 0 --batch_size 16 --limit 500 --output downstream.json]
-    python recipes/eval_downstream.py --model outputs/ember-125m \\
-        --include_path tests/data/lm_eval_tasks --tasks ember_python_mc,ember_python_text        # local tasks
+    python recipes/eval_downstream.py --model=outputs/ember-125m --tasks=hellaswag,arc_easy,piqa \\
+        [--num_fewshot=0 --batch_size=16 --limit=500 --output=downstream.json]
+    python recipes/eval_downstream.py --model=outputs/ember-125m \\
+        --include_path=tests/data/lm_eval_tasks --tasks=ember_python_mc,ember_python_text        # local tasks
 
 The checkpoint (Ember or stock) is loaded once and handed to lm-eval's `HFLM`; tasks come from lm-eval's
-registry plus any YAML task folders in --include_path. Registry tasks download their data from the Hub.
-Rolling log-likelihood tasks (wikitext, ...) score each document in disjoint windows of --max_length
-tokens (default: the model's max_position_embeddings) after a BOS/EOS prefix, which is
-`modeling.evaluation.evaluate_perplexity` with window == stride == max_length: the bits_per_byte agree.
+registry plus any YAML task folders in `include_path`. Registry tasks download their data from the Hub.
+How rolling log-likelihood tasks relate to `recipes/eval_perplexity.py`: `evaluation/downstream.py`.
 """
 
 from __future__ import annotations
 
-import argparse
-import fnmatch
 import json
+import logging
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling.evaluation import DTYPES, load_model_and_tokenizer
+from cli import ConfigError, parse_args, report_error
+from evaluation.downstream import build_task_manager, evaluate_downstream, results_table
+from modeling.loading import load_checkpoint, torch_dtype
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint folder (Ember or stock transformers)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: --model)")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
-    parser.add_argument("--include_path", action="append", default=[], help="folder of YAML tasks (repeatable)")
-    parser.add_argument("--num_fewshot", type=int, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--limit", type=float, help="examples per task (a fraction if < 1), for quick runs")
-    parser.add_argument("--batch_size", default="1", help="an integer or 'auto'")
-    parser.add_argument("--max_length", type=int, help="context length (default: max_position_embeddings)")
-    parser.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="weights dtype (default: auto)")
-    parser.add_argument("--trust_remote_code", action="store_true", help="for checkpoints whose code is not here")
-    parser.add_argument("--output", help="write the results as JSON here")
-    return parser
+@dataclass
+class DownstreamArguments:
+    model: str = field(metadata={"help": "checkpoint folder (Ember or stock transformers)"})
+    tasks: str = field(metadata={"help": "comma-separated lm-eval task, group or tag names"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
+    include_path: list[str] = field(default_factory=list, metadata={"help": "folders of YAML tasks (repeatable)"})
+    num_fewshot: int | None = field(default=None, metadata={"help": "few-shot examples (default: each task's own)"})
+    limit: float | None = field(default=None, metadata={"help": "examples per task (a fraction if < 1)"})
+    batch_size: str = field(default="1", metadata={"help": "an integer or 'auto'"})
+    max_length: int | None = field(default=None, metadata={"help": "context length (default: the model's)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, mps"})
+    dtype: str = field(default="auto", metadata={"help": "weights dtype: auto, float32, bfloat16, float16"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "for checkpoints whose code is not here"})
+    output: str | None = field(default=None, metadata={"help": "write the results as JSON here"})
 
 
-def _known(name: str, task_names: list[str]) -> bool:
-    return name in task_names or bool(fnmatch.filter(task_names, name)) or Path(name).is_file()
+PATH_KEYS = ("model", "tokenizer", "include_path.*", "output")
 
 
-def build_task_manager(tasks: list[str], include_paths: list[str]):
-    """A TaskManager that knows every requested task; unknown names are a one-line ValueError."""
-    from lm_eval.tasks import TaskManager
-
-    for path in include_paths:
-        if not Path(path).is_dir():
-            raise ValueError(f"--include_path: {path} is not a folder")
-    if include_paths:  # indexing only the local folders is much faster than lm-eval's whole registry
-        local = TaskManager(include_path=include_paths, include_defaults=False)
-        if all(_known(task, local.all_tasks) for task in tasks):
-            return local
-    manager = TaskManager(include_path=include_paths or None)
-    unknown = [task for task in tasks if not _known(task, manager.all_tasks)]
-    if unknown:
-        raise ValueError(f"--tasks: unknown task {unknown[0]!r} (not in lm-eval's registry or --include_path)")
-    return manager
-
-
-def evaluate_downstream(model, tokenizer, tasks: list[str], task_manager, *, num_fewshot: int | None = None,
-                        limit: float | None = None, batch_size: int | str = 1, max_length: int | None = None) -> dict:
-    """lm-eval's `simple_evaluate` on an already loaded model (see `build_task_manager`); returns its results."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-              device=str(model.device))
-    return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager,
-                           log_samples=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-    batch_size = args.batch_size if args.batch_size == "auto" else None
+def main(argv: Sequence[str] | None = None) -> int:
+    # lm-eval narrates every step at INFO level (task building, request counts, model placement); keep its warnings.
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        (args,) = parse_args((DownstreamArguments,), sys.argv[1:] if argv is None else argv,
+                             prog="recipes/eval_downstream.py", description=__doc__.split("\n\n")[0],
+                             path_keys=PATH_KEYS, space_values=True)
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
         if not tasks:
-            raise ValueError("--tasks: no task names given")
-        if batch_size is None:
+            raise ConfigError("tasks: no task names given")
+        batch_size: int | str = args.batch_size
+        if batch_size != "auto":
             if not args.batch_size.isdigit() or int(args.batch_size) < 1:
-                raise ValueError(f"--batch_size: {args.batch_size!r} is not a positive integer or 'auto'")
+                raise ConfigError(f"batch_size: {args.batch_size!r} is not a positive integer or 'auto'")
             batch_size = int(args.batch_size)
+        torch_dtype(args.dtype)
         task_manager = build_task_manager(tasks, args.include_path)  # a typo fails before the model loads
-        model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
-                                                    trust_remote_code=args.trust_remote_code)
+        model, tokenizer = load_checkpoint(args.model, args.tokenizer, device=args.device, dtype=args.dtype,
+                                           trust_remote_code=args.trust_remote_code)
         results = evaluate_downstream(model, tokenizer, tasks, task_manager, num_fewshot=args.num_fewshot,
                                       limit=args.limit, batch_size=batch_size, max_length=args.max_length)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
 
-    from lm_eval.utils import make_table
-
-    print(make_table(results))
-    if "groups" in results:
-        print(make_table(results, "groups"))
+    print(results_table(results))
+    if results.get("groups"):
+        print("\n" + results_table(results, "groups"))
     if args.output:
         report = {"model": args.model, "tasks": tasks, "num_fewshot": args.num_fewshot, "limit": args.limit,
                   "max_length": args.max_length, **{key: results.get(key) for key in

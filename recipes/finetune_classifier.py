@@ -4,7 +4,8 @@
     python recipes/finetune_classifier.py --config recipes/configs/classify_package_nano_cpu.yaml [--key=value ...]
     python recipes/finetune_classifier.py --config recipes/configs/tag_calls_nano_cpu.yaml
 
-Keys: `ClassifierArguments` below plus every `transformers.TrainingArguments` field. `task: sequence` reads
+Keys: `ClassifierArguments` (training/arguments.py) plus every `transformers.TrainingArguments` field; `--help`
+lists them. `task: sequence` reads
 `{"text", "label"}` records and reports accuracy and macro-F1; `task: token` reads `{"tokens", "tags"}`
 (BIO tags) and reports entity-level precision / recall / F1 (CoNLL's definition). Both report the
 majority baseline on the same validation data: its most frequent label for every text, or "O" for every
@@ -15,20 +16,19 @@ plain checkpoint loading with `AutoModelForSequenceClassification` / `AutoModelF
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import transformers
 from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
     Trainer,
@@ -36,53 +36,37 @@ from transformers import (
     set_seed,
 )
 
-import modeling  # noqa: F401  (registers Ember with the Auto classes)
-from data_prep.tokenizer import load_tokenizer
+from cli import ConfigError, report_error
 from evaluation.classification import accuracy, entity_scores, macro_f1
-from modeling.finetune import add_lora, lora_config, parameter_counts
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+from modeling import EmberConfig
+from modeling.loading import checkpoint_tokenizer, load_model
+from modeling.tokenizer_config import make_portable
+from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
+from training.callbacks import use_log_lines
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
 from training.classification import SequenceDataset, TokenDataset, labels_of, read_records
 
-TASKS = ("sequence", "token")
+SCHEMAS = (ClassifierArguments, TrainingArguments)
 
 
-@dataclass
-class ClassifierArguments:
-    model_name_or_path: str = field(default="", metadata={"help": "Ember checkpoint folder (its tokenizer too)"})
-    tokenizer_path: str = field(default="", metadata={"help": "tokenizer folder; default: model_name_or_path"})
-    from_scratch: bool = field(default=False, metadata={"help": "random trunk of the checkpoint's shape (baseline)"})
-    task: str = field(default="sequence", metadata={"help": "sequence | token"})
-    train_file: str = ""
-    validation_file: str = ""
-    labels: list[str] | None = field(default=None, metadata={"help": "the label set; default: the train file's"})
-    text_field: str = "text"
-    label_field: str = "label"
-    tokens_field: str = "tokens"
-    tags_field: str = "tags"
-    max_length: int = field(default=256, metadata={"help": "tokens per example; longer ones are cut"})
-    lora: bool = field(default=False, metadata={"help": "LoRA on the trunk's projections; the head trains fully"})
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    attn_implementation: str = "sdpa"
-
-
-PATH_KEYS = ("model_name_or_path", "tokenizer_path", "train_file", "validation_file", "output_dir")
+def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+          overrides: Mapping[str, Any] | None = None) -> tuple:
+    """(ClassifierArguments, TrainingArguments) from a YAML and overrides."""
+    return parse_training_args(SCHEMAS, argv, config=config, overrides=overrides, path_keys=CLASSIFIER_PATH_KEYS,
+                               prog="recipes/finetune_classifier.py", description=__doc__.split("\n\n")[0])
 
 
 def load_data(args: ClassifierArguments, tokenizer):
     """(train, validation, labels) with every problem a one-line ValueError naming file:line and field."""
-    if args.task not in TASKS:
-        raise RecipeConfigError(f"task: expected one of {TASKS}, got {args.task!r}")
     for name in ("train_file", "validation_file"):
         if not getattr(args, name):
-            raise RecipeConfigError(f"{name}: required (python -m data_prep.tasks writes the stdlib tasks)")
+            raise ConfigError(f"{name}: required (python -m data_prep.tasks writes the stdlib tasks)")
     token_level = args.task == "token"
     fields = (args.tokens_field, args.tags_field) if token_level else (args.text_field, args.label_field)
     train_records = read_records(args.train_file, fields)
     labels = list(args.labels) if args.labels else labels_of(train_records, fields[1], token_level)
     if token_level and "O" not in labels:
-        raise RecipeConfigError("labels: a BIO tag set needs the tag 'O'")
+        raise ConfigError("labels: a BIO tag set needs the tag 'O'")
     label2id = {label: i for i, label in enumerate(labels)}
     dataset = TokenDataset if token_level else SequenceDataset
     train = dataset(train_records, tokenizer, label2id, args.max_length, *fields)
@@ -93,27 +77,29 @@ def load_data(args: ClassifierArguments, tokenizer):
 def checkpoint_path(args: ClassifierArguments) -> Path:
     path = Path(args.model_name_or_path)
     if not (path / "config.json").is_file():
-        raise RecipeConfigError(f"model_name_or_path: not a checkpoint folder: {args.model_name_or_path!r}")
+        raise ConfigError(f"model_name_or_path: not a checkpoint folder: {args.model_name_or_path!r}; pretrain one "
+                          "with python recipes/pretrain.py --config recipes/configs/pretrain_encoder_nano_cpu.yaml")
     return path
 
 
-def load_model(args: ClassifierArguments, tokenizer, labels: list[str]):
-    path = checkpoint_path(args)
-    head = AutoModelForTokenClassification if args.task == "token" else AutoModelForSequenceClassification
-    settings = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                    label2id={label: i for i, label in enumerate(labels)}, pad_token_id=tokenizer.pad_token_id)
-    config = AutoConfig.from_pretrained(path, **settings)
-    if config.model_type != "ember":
-        raise RecipeConfigError(f"model_name_or_path: {path} holds a {config.model_type!r} model, not an Ember one")
-    if config.vocab_size < len(tokenizer):
-        raise RecipeConfigError(f"tokenizer_path: {len(tokenizer)} tokens do not fit the model's {config.vocab_size}")
-    if args.max_length > config.max_position_embeddings:
-        raise RecipeConfigError(f"max_length: {args.max_length} exceeds the model's max_position_embeddings "
-                                f"{config.max_position_embeddings}")
-    config.use_cache = False
-    if args.from_scratch:
-        return head.from_config(config, attn_implementation=args.attn_implementation)
-    return head.from_pretrained(path, config=config, attn_implementation=args.attn_implementation)
+def build_classifier(args: ClassifierArguments, tokenizer, labels: list[str]):
+    """The checkpoint's trunk under a new sequence or token classification head (`modeling.loading`); with
+    `from_scratch`, the same architecture freshly initialised."""
+    model = load_model(checkpoint_path(args), head="token_classification" if args.task == "token"
+                       else "sequence_classification", weights=not args.from_scratch,
+                       attn_implementation=args.attn_implementation, num_labels=len(labels),
+                       id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                       pad_token_id=tokenizer.pad_token_id)
+    if not isinstance(model.config, EmberConfig):
+        raise ConfigError(f"model_name_or_path: {args.model_name_or_path} holds a {model.config.model_type!r} "
+                          "model, not an Ember one")
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"tokenizer_path: {len(tokenizer)} tokens do not fit the model's {model.config.vocab_size}")
+    if args.max_length > model.config.max_position_embeddings:
+        raise ConfigError(f"max_length: {args.max_length} exceeds the model's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}")
+    model.config.use_cache = False
+    return model
 
 
 def sequence_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
@@ -152,23 +138,27 @@ def metrics_function(validation, labels: list[str], task: str):
     return compute
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+         overrides: Mapping[str, Any] | None = None) -> int:
+    """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
-        args, training = parse_recipe_args((ClassifierArguments, TrainingArguments),
-                                           sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        args, training = parse(sys.argv[1:] if argv is None and config is None else argv, config=config,
+                               overrides=overrides)
         set_seed(training.seed)
         checkpoint_path(args)
-        tokenizer = load_tokenizer(args.tokenizer_path or args.model_name_or_path)
+        tokenizer = checkpoint_tokenizer(args.tokenizer_path or args.model_name_or_path)
         train, validation, labels = load_data(args, tokenizer)
-        model = load_model(args, tokenizer, labels)
+        model = build_classifier(args, tokenizer, labels)
         if args.lora:
+            from training.finetune import add_lora, lora_config  # peft: slow to import, only for LoRA
+
             lora = lora_config(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
             lora.task_type = "TOKEN_CLS" if args.task == "token" else "SEQ_CLS"
             lora.modules_to_save = ["score"]
             model = add_lora(model, lora)
-    except (RecipeConfigError, ValueError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
 
     training.remove_unused_columns = False
     training.label_names = ["labels"]
@@ -177,22 +167,39 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation,
                       data_collator=collator, processing_class=tokenizer,
                       compute_metrics=metrics_function(validation, labels, args.task))
-    counts = parameter_counts(model) if args.lora else {"trainable": sum(p.numel() for p in model.parameters())}
+    use_log_lines(trainer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer.is_world_process_zero():
         print(f"[classifier] {args.task} task, {len(labels)} labels | {len(train):,} train / {len(validation):,} "
               f"validation examples | {'LoRA r=' + str(args.lora_r) if args.lora else 'full'}: "
-              f"{counts['trainable']:,} trainable parameters | {training.max_steps} steps")
-    result = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+              f"{trainable:,} trainable parameters | {training.max_steps} steps", flush=True)
+    run = contextlib.ExitStack()  # the lock is held to the end: saving belongs to this run too
+    try:
+        run.enter_context(output_dir_lock(training.output_dir, enabled=training.process_index == 0))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
+                                                                     training.output_dir))
+    except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, args, validation, labels, len(train))
+
+
+def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, labels: list[str],
+            train_examples: int) -> int:
+    """After training: the validation scores against the majority baseline, the classifier, classifier_results.json."""
+    training = trainer.args
     scores = trainer.evaluate()
     if args.lora:
         trainer.model = trainer.model.merge_and_unload()
     trainer.save_model(training.output_dir)
-
     if trainer.is_world_process_zero():
+        make_portable(training.output_dir)  # the tokenizer loads in transformers 4.x too
         majority = baseline(validation, labels, args.task)
         key = "entity_f1" if args.task == "token" else "accuracy"
         results = {
-            "task": args.task, "labels": labels, "train_examples": len(train), "validation_examples": len(validation),
+            "task": args.task, "labels": labels, "train_examples": train_examples,
+            "validation_examples": len(validation),
             "validation": {k.removeprefix("eval_"): v for k, v in scores.items()},
             "majority_baseline": majority, "margin_over_baseline": scores[f"eval_{key}"] - majority[key],
             "train": result.metrics,
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                        "max_steps": training.max_steps, "seed": training.seed},
         }
         Path(training.output_dir, "classifier_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(f"[classifier] validation {key} {scores[f'eval_{key}']:.4f} vs majority baseline {majority[key]:.4f}")
+        print(f"[classifier] validation {key} {scores[f'eval_{key}']:.4f} vs majority baseline {majority[key]:.4f}",
+              flush=True)
     return 0
 
 

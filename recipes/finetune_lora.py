@@ -1,93 +1,87 @@
 """LoRA / QLoRA finetuning of an Ember checkpoint on instruction data with the HF Trainer.
 
-    python -m data_prep.instructions --data_dir outputs/data/stdlib --output outputs/instructions/stdlib
+    python -m data_prep.instructions --data_dir=outputs/data/stdlib --output=outputs/instructions/stdlib
     python recipes/finetune_lora.py --config recipes/configs/lora_nano_cpu.yaml [--key=value ...]
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/finetune_lora.py \\
         --config recipes/configs/qlora_7b_1gpu.yaml
 
-Keys: `ModelArguments`, `LoraArguments` and `DataArguments` below, plus every `transformers.TrainingArguments`
-field. `output_dir` receives the adapter (adapter_config.json, adapter_model.safetensors, tokenizer) and
-`finetune_metrics.json` (response-only validation loss before and after, parameter counts, data counts);
-with `merge: true`, `output_dir/merged/` holds the base with the adapter folded in, a plain checkpoint
-that loads with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
+Keys: `BaseModelArguments`, `LoraArguments` and `InstructionDataArguments` (training/arguments.py), plus every
+`transformers.TrainingArguments` field; `--help` lists them. `output_dir` receives the adapter
+(adapter_config.json, adapter_model.safetensors, tokenizer) and `finetune_metrics.json` (response-only
+validation loss before and after, parameter counts, data counts); with `merge: true`, `output_dir/merged/`
+holds the base with the adapter folded in, a plain checkpoint that loads with
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
-from data_prep.tokenizer import load_tokenizer
-from modeling.finetune import (
+from cli import ConfigError, report_error
+from modeling.loading import checkpoint_tokenizer, load_model, torch_dtype
+from modeling.tokenizer_config import make_portable
+from training.arguments import (
+    FINETUNE_PATH_KEYS,
+    BaseModelArguments,
+    InstructionDataArguments,
+    LoraArguments,
+    parse_training_args,
+)
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
+from training.finetune import (
     InstructionCollator,
     InstructionDataset,
     add_lora,
-    load_base_model,
+    finetuning_trainer,
     lora_config,
     merge_adapter,
     parameter_counts,
     response_loss,
 )
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args
+
+SCHEMAS = (BaseModelArguments, LoraArguments, InstructionDataArguments, TrainingArguments)
 
 
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(default="", metadata={"help": "checkpoint folder with weights and tokenizer"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: base in 4-bit NF4 (bitsandbytes)"})
-    dtype: str = field(default="auto", metadata={"help": "dtype of the unquantized base: auto (as saved), "
-                                                          "float32, bfloat16"})
-    attn_implementation: str = "sdpa"
+def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+          overrides: Mapping[str, Any] | None = None) -> tuple:
+    """(BaseModelArguments, LoraArguments, InstructionDataArguments, TrainingArguments) from a YAML and overrides."""
+    return parse_training_args(SCHEMAS, argv, config=config, overrides=overrides, path_keys=FINETUNE_PATH_KEYS,
+                               prog="recipes/finetune_lora.py", description=__doc__.split("\n\n")[0])
 
 
-@dataclass
-class LoraArguments:
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = field(default=None, metadata={
-        "help": "Linear layer names; default q/k/v/o_proj and gate/up/down_proj"})
-    lora_target_experts: bool = field(default=True, metadata={"help": "MoE: adapt the experts' 3D weights too"})
-    merge: bool = field(default=True, metadata={"help": "also save the merged model to output_dir/merged"})
-
-
-@dataclass
-class DataArguments:
-    train_file: str = field(default="", metadata={"help": "jsonl of {prompt, response} or {messages} records"})
-    validation_file: str | None = field(default=None, metadata={"help": "for the before/after response loss"})
-    max_length: int = field(default=512, metadata={"help": "tokens per example; longer ones are cut"})
-
-
-PATH_KEYS = ("model_name_or_path", "train_file", "validation_file", "output_dir", "logging_dir")
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def load_inputs(model_args: ModelArguments, lora_args: LoraArguments, data_args: DataArguments):
+def load_inputs(model_args: BaseModelArguments, lora_args: LoraArguments, data_args: InstructionDataArguments):
     """Tokenizer, datasets and the LoRA-wrapped model; every problem is a one-line ValueError."""
     if not model_args.model_name_or_path or not Path(model_args.model_name_or_path).is_dir():
-        raise RecipeConfigError(f"model_name_or_path: checkpoint folder not found: {model_args.model_name_or_path!r}")
-    if not data_args.train_file:
-        raise RecipeConfigError("train_file: required (python -m data_prep.instructions writes one)")
-    if model_args.dtype not in DTYPES:
-        raise RecipeConfigError(f"dtype: expected one of {sorted(DTYPES)}, got {model_args.dtype!r}")
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+        raise ConfigError(f"model_name_or_path: checkpoint folder not found: {model_args.model_name_or_path!r}; "
+                          "pretrain one with python recipes/pretrain.py --config "
+                          "recipes/configs/pretrain_nano_cpu.yaml, or use the quickstart's outputs/quickstart/pretrain")
+    for key in ("train_file", "validation_file"):
+        path = getattr(data_args, key)
+        if (key == "train_file" or path) and not Path(path or "").is_file():
+            raise ConfigError(f"{key}: instruction file not found: {path!r}; write one with python -m data_prep."
+                              "instructions --data_dir=outputs/data/stdlib --output=outputs/instructions/stdlib")
+    dtype = torch_dtype(model_args.dtype)
+    tokenizer = checkpoint_tokenizer(model_args.model_name_or_path)
     train = InstructionDataset(data_args.train_file, tokenizer, data_args.max_length)
     validation = (InstructionDataset(data_args.validation_file, tokenizer, data_args.max_length)
                   if data_args.validation_file else None)
-    model = load_base_model(model_args.model_name_or_path, load_in_4bit=model_args.load_in_4bit,
-                            dtype=DTYPES[model_args.dtype], attn_implementation=model_args.attn_implementation)
+    model = load_model(model_args.model_name_or_path, load_in_4bit=model_args.load_in_4bit, dtype=dtype,
+                       attn_implementation=model_args.attn_implementation)
     if model.config.vocab_size < len(tokenizer):
-        raise RecipeConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} is smaller than the "
+        raise ConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} is smaller than the "
                                 f"tokenizer's {len(tokenizer)} tokens")
     if data_args.max_length > model.config.max_position_embeddings:
-        raise RecipeConfigError(f"max_length: {data_args.max_length} exceeds the model's max_position_embeddings "
+        raise ConfigError(f"max_length: {data_args.max_length} exceeds the model's max_position_embeddings "
                                 f"{model.config.max_position_embeddings}")
     model.config.use_cache = False  # training; the merged model's generation config is unaffected
     config = lora_config(model, r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
@@ -95,26 +89,26 @@ def load_inputs(model_args: ModelArguments, lora_args: LoraArguments, data_args:
     return tokenizer, train, validation, config, model
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+         overrides: Mapping[str, Any] | None = None) -> int:
+    """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
-        model_args, lora_args, data_args, args = parse_recipe_args(
-            (ModelArguments, LoraArguments, DataArguments, TrainingArguments),
-            sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        model_args, lora_args, data_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
+                                                       config=config, overrides=overrides)
         set_seed(args.seed)
-        tokenizer, train, validation, config, base = load_inputs(model_args, lora_args, data_args)
-        model = add_lora(base, config)
-    except (RecipeConfigError, ValueError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        tokenizer, train, validation, adapter_config, base = load_inputs(model_args, lora_args, data_args)
+        model = add_lora(base, adapter_config)
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
 
-    args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
     collator = InstructionCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator, processing_class=tokenizer)
+    trainer = finetuning_trainer(model, args, train, collator, tokenizer, optimizer_options=lora_args)
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     counts = parameter_counts(model)
     if trainer.is_world_process_zero():
         print(f"[finetune] {'QLoRA (4-bit base)' if model_args.load_in_4bit else 'LoRA'} r={lora_args.lora_r} on "
-              f"{sorted(config.target_modules)}{' + experts' if config.target_parameters else ''} | "
+              f"{sorted(adapter_config.target_modules)}{' + experts' if adapter_config.target_parameters else ''} | "
               f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
               f"({counts['trainable_percent']:.2f}%) | {len(train):,} examples ({train.stats['truncated']} cut to "
               f"{data_args.max_length} tokens) | {args.max_steps} steps")
@@ -130,11 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     if validation is not None:
         metrics["data"]["validation"] = validation.stats
         metrics["eval_before"] = evaluate("before")
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    run = contextlib.ExitStack()  # the lock is held to the end: saving and merging belong to this run too
+    try:
+        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
+        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+    except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer, evaluate,
+                       validation is not None)
+
+
+def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora_args: LoraArguments,
+            data_args: InstructionDataArguments, tokenizer, evaluate, has_validation: bool) -> int:
+    """After training: the response loss after, the adapter, the merged model, finetune_metrics.json."""
+    args = trainer.args
     metrics["train"] = result.metrics
-    if validation is not None:
+    if has_validation:
         metrics["eval_after"] = evaluate("after")
     trainer.save_model(args.output_dir)  # the adapter and the tokenizer
+    if trainer.is_world_process_zero():
+        make_portable(args.output_dir)  # the tokenizer loads in transformers 4.x too
+    trainer.save_state()  # trainer_state.json: the loss curve
 
     if trainer.is_world_process_zero():
         output_dir = Path(args.output_dir)

@@ -1,51 +1,56 @@
 """Generate text from a trained model, streaming it to the terminal as it is produced.
 
-    python recipes/generate.py --model runs/nano-cpu --prompt "def parse_args(" --max_new_tokens 64
-    python recipes/generate.py --model runs/nano-cpu --temperature 0 < prompt.txt          # greedy, prompt on stdin
-    python recipes/generate.py --model runs/sft-lora --chat --prompt "What does os.path.join do?"
+    python recipes/generate.py --model=runs/nano-cpu --prompt="def parse_args(" --max_new_tokens=64
+    python recipes/generate.py --model=runs/nano-cpu --temperature=0 < prompt.txt          # greedy, prompt on stdin
+    python recipes/generate.py --model=runs/sft-lora --chat --prompt="What does os.path.join do?"
 
-`--model` is any folder `modeling.generation.load_for_generation` reads: an Ember checkpoint, a
-stock Llama / Mistral export of `python -m modeling.convert to-hf`, a merged LoRA model, or a peft
-adapter folder. `--chat` wraps the prompt in the tokenizer's chat template and stops at the end of
-the answer. Samples use seeds `--seed`, `--seed + 1`, ...; the same seed gives the same text.
-Bad input (missing folder, empty prompt file, out-of-range setting) is a one-line `error:` and exit 2.
+`--model` is any folder `modeling.loading` reads: an Ember checkpoint, a stock Llama / Mistral export of
+`python -m modeling.convert to-hf`, a merged LoRA model, or a peft adapter folder. `--chat` wraps the prompt
+in the tokenizer's chat template and stops at the end of the answer. Samples use seeds `seed`, `seed + 1`,
+...; the same seed gives the same text. Bad input (missing folder, empty prompt file, out-of-range setting)
+is a one-line `error:` and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 from transformers import TextStreamer
 
-from modeling.generation import check_generation_settings, generate, load_for_generation
+from cli import ConfigError, parse_args, report_error
+from evaluation.generation import check_generation_settings, generate, load_for_generation
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recipes/generate.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint or peft adapter folder")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="prompt text (default: read from stdin)")
-    source.add_argument("--prompt_file", help="file whose whole text is the prompt")
-    parser.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
-    parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
-    parser.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling mass; 1 disables")
-    parser.add_argument("--top_k", type=int, default=50, help="keep the k likeliest tokens; 0 disables")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first sample")
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
-    parser.add_argument("--no_stream", action="store_true", help="print each sample once it is complete")
-    parser.add_argument("--trust_remote_code", action="store_true",
-                        help="run the code files of a checkpoint of an architecture transformers does not know")
-    return parser
+@dataclass
+class GenerateArguments:
+    model: str = field(metadata={"help": "checkpoint or peft adapter folder"})
+    prompt: str | None = field(default=None, metadata={"help": "prompt text (default: read from stdin)"})
+    prompt_file: str | None = field(default=None, metadata={"help": "file whose whole text is the prompt"})
+    chat: bool = field(default=False, metadata={"help": "render the prompt with the chat template"})
+    max_new_tokens: int = 128
+    temperature: float = field(default=0.8, metadata={"help": "0 decodes greedily"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass; 1 disables"})
+    top_k: int = field(default=50, metadata={"help": "keep the k likeliest tokens; 0 disables"})
+    seed: int = field(default=0, metadata={"help": "seed of the first sample"})
+    num_samples: int = 1
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (the checkpoint's), float32, bfloat16 or float16"})
+    no_stream: bool = field(default=False, metadata={"help": "print each sample once it is complete"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the code files of a checkpoint of an architecture transformers does not know"})
 
 
-def read_prompt(args: argparse.Namespace) -> str:
+PATH_KEYS = ("model", "prompt_file")
+
+
+def read_prompt(args: GenerateArguments) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ConfigError("prompt_file: give either prompt or prompt_file, not both")
     if args.prompt is not None:
         return args.prompt
     if args.prompt_file is not None:
@@ -61,9 +66,11 @@ def read_prompt(args: argparse.Namespace) -> str:
     return sys.stdin.read()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
     try:
+        (args,) = parse_args((GenerateArguments,), sys.argv[1:] if argv is None else argv,
+                             prog="recipes/generate.py", description=__doc__.split("\n\n")[0],
+                             path_keys=PATH_KEYS, space_values=True)
         if args.num_samples < 1:
             raise ValueError(f"num_samples: must be >= 1, got {args.num_samples}")
         check_generation_settings(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
@@ -81,10 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                             chat=args.chat, streamer=streamer)
             if streamer is None:
                 print(text, flush=True)
-    except ValueError as err:
-        message = " ".join(str(err).split())  # keep it on one line
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    except (ConfigError, ValueError) as err:
+        return report_error(err)
     return 0
 
 

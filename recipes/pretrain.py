@@ -4,152 +4,73 @@
         --config recipes/configs/pretrain_<recipe>.yaml [--key=value ...]
     python recipes/pretrain.py --config recipes/configs/pretrain_nano_cpu.yaml      # one process
 
-Keys: `ModelArguments` and `DataArguments` below, `training.objectives.ObjectiveArguments` (`objective: clm |
-prefix_lm | mlm | ul2` and its settings; mlm trains a bidirectional encoder, `EmberForMaskedLM`), plus every
-`transformers.TrainingArguments` field.
-The output folder is a Hub-ready model: safetensors, config with `auto_map` and the model code, the
-tokenizer, a generation config and a model card.
+Keys: `ModelArguments`, `DataArguments`, `PretrainingArguments` and `ObjectiveArguments` (training/arguments.py;
+`objective: clm | prefix_lm | mlm | ul2`, where mlm trains a bidirectional encoder, `EmberForMaskedLM`), plus every
+`transformers.TrainingArguments` field; `--help` lists them. The output folder is a Hub-ready model:
+safetensors, config with `auto_map` and the model code, the tokenizer, a generation config and a model card.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
-from huggingface_hub import upload_folder
-from transformers import GenerationConfig, SchedulerType, TrainingArguments, set_seed
+from transformers import SchedulerType, TrainingArguments, set_seed
 
-from data_prep.config import PackConfig, load_config
-from data_prep.token_dataset import PackedDataset, StreamingPackedDataset, open_document_stream
+from cli import ConfigError, report_error
+from data_prep.pipeline import split_bytes_per_token
+from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-from modeling import EmberConfig, EmberForCausalLM, EmberForMaskedLM, sizing
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args, training_setting
-from modeling.run_report import write_model_card, write_run_report
-from modeling.training import (
-    NonFiniteGuardCallback,
-    PretrainingTrainer,
-    ThroughputCallback,
-    device_peak_flops,
-    latest_complete_checkpoint,
-    lr_scheduler_kwargs,
+from evaluation.perplexity import perplexity
+from modeling import sizing
+from training.arguments import (
+    PRETRAIN_PATH_KEYS,
+    DataArguments,
+    ModelArguments,
+    ObjectiveArguments,
+    PretrainingArguments,
+    parse_training_args,
 )
-from training.objectives import ObjectiveArguments, build_collator
+from training.averaging import EMACallback
+from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
+from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume, saved_step
+from training.data_order import BatchRamp
+from training.hub import push
+from training.objectives import build_collator
+from training.optim import lr_scheduler_kwargs
+from training.pretraining import build_model, streaming_train_dataset, write_reports
+from training.spikes import DataState, LossSpikeCallback, train_with_rollbacks
+from training.trainer import PretrainingTrainer
+
+SCHEMAS = (ModelArguments, DataArguments, PretrainingArguments, ObjectiveArguments, TrainingArguments)
 
 
-@dataclass
-class ModelArguments:
-    preset: str = field(default="nano", metadata={"help": "EmberConfig preset (nano, 125m, 350m, 1b, 7b, ...)"})
-    model_overrides: dict = field(default_factory=dict, metadata={"help": "EmberConfig fields over the preset"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "continue from this checkpoint"})
-    attn_implementation: str = "sdpa"
+def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+          overrides: Mapping[str, Any] | None = None) -> tuple:
+    """(ModelArguments, DataArguments, PretrainingArguments, ObjectiveArguments, TrainingArguments) from a YAML and
+    overrides."""
+    return parse_training_args(SCHEMAS, argv, config=config, overrides=overrides, path_keys=PRETRAIN_PATH_KEYS,
+                               prog="recipes/pretrain.py", description=__doc__.split("\n\n")[0])
 
 
-@dataclass
-class DataArguments:
-    data_dir: str = field(default="", metadata={"help": "output_dir of a data_prep run (tokenizer/, tokens/)"})
-    position_ids: bool = field(default=True, metadata={"help": "per-document positions: no attention across EOS"})
-    streaming: bool = field(default=False, metadata={"help": "tokenize and pack documents on the fly"})
-    stream_source: str = field(default="", metadata={
-        "help": "streaming: documents folder/file or Hub dataset name; default <data_dir>/documents/train"})
-    text_field: str = "text"
-    seq_len: int = field(default=0, metadata={"help": "streaming: block length; 0 = the data_prep run's pack.seq_len"})
-    max_tokens: float | None = field(default=None, metadata={"help": "token budget; sets max_steps"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine (to min_lr_ratio) or wsd"})
-    min_lr_ratio: float = 0.1
-    max_consecutive_nonfinite: int = 5
-    peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
-    expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
-
-
-PATH_KEYS = ("data_dir", "output_dir")
-REPORTED_TRAINING_KEYS = ("learning_rate", "warmup_steps", "weight_decay", "max_steps", "max_grad_norm",
-                          "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "seed")
-
-
-def build_model(model_args: ModelArguments, tokenizer, seq_len: int, objective: str = "clm") -> EmberForCausalLM:
-    special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model_class = EmberForMaskedLM if objective == "mlm" else EmberForCausalLM
-    if objective == "mlm":
-        special["is_causal"] = False  # masked LM: a bidirectional encoder
-    if model_args.model_name_or_path:
-        model = model_class.from_pretrained(model_args.model_name_or_path,
-                                            attn_implementation=model_args.attn_implementation)
-        if model.config.vocab_size != len(tokenizer):
-            raise RecipeConfigError(f"model_name_or_path: vocab_size {model.config.vocab_size} does not match the "
-                                    f"tokenizer's {len(tokenizer)} tokens")
-    else:
-        overrides = {**special, **model_args.model_overrides}
-        overrides.setdefault("max_position_embeddings", seq_len)
-        config = EmberConfig.from_preset(model_args.preset, **overrides)
-        if config.vocab_size != len(tokenizer):
-            raise RecipeConfigError(f"model_overrides.vocab_size: {config.vocab_size} does not match the "
-                                    f"tokenizer's {len(tokenizer)} tokens")
-        model = model_class._from_config(config, attn_implementation=model_args.attn_implementation)
-    if model.config.max_position_embeddings < seq_len:
-        raise RecipeConfigError(f"max_position_embeddings: {model.config.max_position_embeddings} is shorter than "
-                                f"the shards' seq_len {seq_len}")
-    model.config.use_cache = False  # packed rows: boundary masking from position_ids needs no cache
-    if objective == "mlm":
-        return model
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=256)
-    return model
-
-
-def streaming_train_dataset(data_args: DataArguments, tokenizer, args: TrainingArguments) -> StreamingPackedDataset:
-    """This rank's share of the documents, packed on the fly like the data_prep run packed its shards."""
-    data_dir = Path(data_args.data_dir)
-    pack = load_config(data_dir / "pipeline_config.yaml").pack if (data_dir / "pipeline_config.yaml").is_file() \
-        else PackConfig()
-    if data_args.seq_len:
-        pack.seq_len = data_args.seq_len
-    documents = open_document_stream(data_args.stream_source or data_dir / "documents" / "train",
-                                     text_field=data_args.text_field, rank=args.process_index,
-                                     world_size=args.world_size)
-    return StreamingPackedDataset(documents, tokenizer, pack, return_position_ids=data_args.position_ids)
-
-
-def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_args: DataArguments, seq_len: int,
-                  tokens_per_step: int, peak: float | None, metrics: dict) -> None:
-    """run_report/ (plots + report.md, sizing estimate vs measured) and the model card README.md."""
-    args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
-    strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
-    checkpointing = training_setting(args, "activation_checkpointing")
-    memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
-                                   checkpointing, param_bytes=2 if args.bf16 else 4,
-                                   flash_attention=model_args.attn_implementation != "eager")
-    planned = tokens_per_step * args.max_steps
-    recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args),
-              **{key: getattr(args, key) for key in REPORTED_TRAINING_KEYS}}
-    write_run_report(output_dir, trainer.state.log_history, {
-        "config": recipe, "tokens_per_step": tokens_per_step, "estimated_memory_gb": memory["total"] / 2**30,
-        "estimated_seconds": (sizing.training_time(config, planned, args.world_size, peak, data_args.expected_mfu,
-                                                   seq_len) if peak else None)})
-    steps = trainer.state.global_step
-    write_model_card(output_dir, model_name=output_dir.name, config=config, datasets=[Path(data_args.data_dir).name],
-                     metrics=metrics, repo_id=args.hub_model_id, training={
-                         "tokens": tokens_per_step * steps, "steps": steps, "tokens_per_step": tokens_per_step,
-                         "seq_len": seq_len, "global_batch_size": tokens_per_step // seq_len,
-                         "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-                         "lr_schedule": f"{data_args.schedule}, {args.warmup_steps} warmup steps, "
-                                        f"min {data_args.min_lr_ratio} x peak",
-                         "precision": "bf16" if args.bf16 else "fp32", "world_size": args.world_size,
-                         "hardware": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-                         "wall_seconds": metrics.get("train_runtime")})
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
+         overrides: Mapping[str, Any] | None = None) -> int:
+    """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
+    exit_with_launcher()
     try:
-        model_args, data_args, objective_args, args = parse_recipe_args(
-            (ModelArguments, DataArguments, ObjectiveArguments, TrainingArguments),
-            sys.argv[1:] if argv is None else argv, PATH_KEYS)
+        model_args, data_args, run_args, objective_args, args = parse(
+            sys.argv[1:] if argv is None and config is None else argv, config=config, overrides=overrides)
         data_dir = Path(data_args.data_dir)
+        if not (data_dir / "tokenizer").is_dir():
+            raise ConfigError(f"data_dir: {data_dir} holds no data_prep run (no tokenizer/); make one with `make data` "
+                              "(python -m data_prep run --config recipes/configs/data/stdlib.yaml), or point "
+                              "--data_dir at one, e.g. the quickstart's outputs/quickstart/data")
         tokenizer = load_tokenizer(data_dir / "tokenizer")
         fingerprint = tokenizer_fingerprint(tokenizer)
         if data_args.streaming:
@@ -162,50 +83,137 @@ def main(argv: list[str] | None = None) -> int:
                                     expected_fingerprint=fingerprint) if validation_dir.is_dir() else None)
         if validation is not None and len(validation) == 0:
             validation = None
+        if validation is not None and 0 < data_args.max_eval_blocks < len(validation):
+            spread = torch.linspace(0, len(validation) - 1, data_args.max_eval_blocks).round().long().tolist()
+            validation = torch.utils.data.Subset(validation, spread)
+        if model_args.tp_size > 1 and args.save_strategy != "no" and not args.save_only_model:
+            raise ConfigError("tp_size: the Trainer cannot checkpoint the optimizer state of a model sharded at load "
+                              "time; pass --save_only_model=true (weights only, no resume) or --save_strategy=no")
         collator = build_collator(objective_args, tokenizer, train.seq_len)
         set_seed(args.seed)
         model = build_model(model_args, tokenizer, train.seq_len, objective_args.objective)
-    except (RecipeConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-    tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-                       * train.seq_len)
-    if data_args.max_tokens:
-        args.max_steps = math.ceil(data_args.max_tokens / tokens_per_step)
-    if data_args.streaming and args.max_steps <= 0:
-        print("error: max_steps: a streaming run needs max_steps (or max_tokens); a stream has no length",
-              file=sys.stderr)
-        return 2
-    scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(data_args.schedule, data_args.min_lr_ratio,
-                                                              max_steps=args.max_steps)
+        tokenizer.model_max_length = model.config.max_position_embeddings  # saved with the model: its context
+        # Ranks of one tensor-parallel group read the same rows: the data-parallel degree is world_size / tp_size.
+        data_parallel = args.world_size // model_args.tp_size
+        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * data_parallel
+                           * train.seq_len)
+        step_micro_batches = None
+        if run_args.batch_size_warmup_tokens:
+            step_micro_batches = batch_ramp_schedule(run_args, args, data_parallel, train.seq_len)
+        elif run_args.max_tokens:
+            args.max_steps = math.ceil(run_args.max_tokens / tokens_per_step)
+        if data_args.streaming and args.max_steps <= 0:
+            raise ConfigError("max_steps: a streaming run needs max_steps (or max_tokens); a stream has no length")
+        if run_args.loss_spike_zscore and args.save_strategy == "no":
+            raise ConfigError("loss_spike_zscore: a rollback needs checkpoints to go back to; set save_strategy "
+                              "and save_steps")
+        scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(run_args.schedule, run_args.min_lr_ratio,
+                                                                  max_steps=args.max_steps)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        return report_error(err)
     args.lr_scheduler_type = SchedulerType(scheduler)
     if args.eval_strategy != "no" and validation is None:
         args.eval_strategy = "no"
     args.remove_unused_columns = False  # shift_labels and position_ids are not forward() argument names
+    if args.ddp_find_unused_parameters is None:  # only MoE layers can leave parameters (experts) without gradient
+        args.ddp_find_unused_parameters = bool(model.config.is_moe)
 
     flops = sizing.flops_per_token(model.config, train.seq_len)
-    peak = device_peak_flops(data_args.peak_flops)
-    guard = NonFiniteGuardCallback(data_args.max_consecutive_nonfinite)
-    trainer = PretrainingTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation,
-                                 data_collator=collator, processing_class=tokenizer,
-                                 callbacks=[ThroughputCallback(flops, tokens_per_step, peak, args.world_size), guard])
-    if trainer.is_world_process_zero():
+    peak = device_peak_flops(run_args.peak_flops)
+    micro_tokens = tokens_per_step // args.gradient_accumulation_steps
+    step_tokens = (lambda step: tokens_per_step) if step_micro_batches is None else (
+        lambda step: micro_tokens * step_micro_batches[min(step, len(step_micro_batches)) - 1])
+    total_tokens = tokens_per_step * args.max_steps if step_micro_batches is None else (
+        micro_tokens * sum(step_micro_batches))
+
+    def make_trainer(data_state: DataState) -> PretrainingTrainer:
+        nonlocal model
+        if model is None:  # a rollback: a fresh model (the checkpoint's weights load into it), nothing of the old one
+            set_seed(args.seed)
+            model = build_model(model_args, tokenizer, train.seq_len, objective_args.objective)
+        built, model = model, None
+        return PretrainingTrainer(
+            model=built, args=args, train_dataset=train, eval_dataset=validation, data_collator=collator,
+            processing_class=tokenizer, optimizer_options=run_args, z_loss=run_args.z_loss,
+            step_micro_batches=step_micro_batches, data_state=data_state,
+            loss_spikes=(LossSpikeCallback(run_args.loss_spike_zscore, run_args.loss_spike_window,
+                                           run_args.loss_spike_skip_ahead)
+                         if run_args.loss_spike_zscore else None),
+            # bits per byte of the validation text: only where the loss scores every token of it
+            eval_bytes_per_token=(split_bytes_per_token(data_args.data_dir, "validation")
+                                  if objective_args.objective == "clm" else None),
+            ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
+            callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
+                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)])
+
+    if args.process_index == 0:
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
         # ZeRO-3 builds the model already partitioned: each parameter keeps its full size in ds_numel
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        batch = f"{tokens_per_step:,} tokens/step" if step_micro_batches is None else (
+            f"{step_tokens(1):,} -> {tokens_per_step:,} tokens/step over {run_args.batch_size_warmup_tokens:,.0f} "
+            f"tokens ({total_tokens:,} tokens)")
         print(f"[pretrain] {parameters:,} parameters | {blocks} of "
-              f"{train.seq_len} | {tokens_per_step:,} tokens/step | {args.max_steps} steps | "
+              f"{train.seq_len} | {batch} | {args.max_steps} steps | "
               f"{flops / 1e9:.3f} GFLOP/token | world size {args.world_size}")
+        if model_args.tp_size > 1:
+            from torch.distributed.tensor import DTensor
 
-    resume = args.resume_from_checkpoint
-    if resume == "auto":
-        resume = latest_complete_checkpoint(args.output_dir)  # a kill mid-save leaves an incomplete one
-    result = trainer.train(resume_from_checkpoint=resume)
+            sharded = [n for n, p in model.named_parameters()
+                       if isinstance(p, DTensor) and any(pl.is_shard() for pl in p.placements)]
+            print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
+                  f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
+
+    run = contextlib.ExitStack()  # held to the end: the final save and reports belong to this run too
+    try:
+        # One run per output folder: a second one (or the ranks of a killed launch still running) is refused.
+        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
+        # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if args.process_index == 0 and args.resume_from_checkpoint == "auto" and resume is None:
+            print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
+        if args.process_index == 0 and resume:
+            print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
+        # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+        trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+    except ConfigError as err:  # a broken checkpoint, a full disk, a busy output folder, too many rollbacks
+        run.close()
+        return report_error(err)
+    with run:
+        return _finish(trainer, result, model_args, data_args, run_args, objective_args, validation, train.seq_len,
+                       tokens_per_step, total_tokens, peak)
+
+
+def batch_ramp_schedule(run_args: PretrainingArguments, args: TrainingArguments, data_parallel: int,
+                        seq_len: int) -> list[int]:
+    """Micro-batches of each step under `batch_size_warmup_tokens`; sets `args.max_steps` to their number."""
+    micro_tokens = args.per_device_train_batch_size * data_parallel * seq_len
+    ramp = BatchRamp(micro_tokens, args.gradient_accumulation_steps,
+                     int(run_args.batch_size_warmup_start_tokens), int(run_args.batch_size_warmup_tokens))
+    if args.gradient_accumulation_steps < 2:
+        raise ConfigError("batch_size_warmup_tokens: the batch grows by gradient accumulation; set "
+                          "gradient_accumulation_steps to the full batch's micro-batches (2 or more)")
+    if run_args.batch_size_warmup_start_tokens > ramp.full_tokens:
+        raise ConfigError(f"batch_size_warmup_start_tokens: {run_args.batch_size_warmup_start_tokens:,.0f} tokens is "
+                          f"more than the full batch ({ramp.full_tokens:,} tokens per step)")
+    steps = (ramp.schedule(max_tokens=int(run_args.max_tokens)) if run_args.max_tokens
+             else ramp.schedule(max_steps=args.max_steps))
+    total = micro_tokens * sum(steps)
+    if run_args.batch_size_warmup_tokens >= total:
+        raise ConfigError(f"batch_size_warmup_tokens: {run_args.batch_size_warmup_tokens:,.0f} tokens is not shorter "
+                          f"than the run ({total:,} tokens)")
+    args.max_steps = len(steps)
+    return steps
+
+
+def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, data_args: DataArguments,
+            run_args: PretrainingArguments, objective_args: ObjectiveArguments, validation, seq_len: int,
+            tokens_per_step: int, total_tokens: int, peak: float | None) -> int:
+    """After training: final metrics and evaluation, the final model folder, the reports, the Hub upload."""
+    args = trainer.args
+    guard = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, NonFiniteGuardCallback))
     if guard.stop_reason:
-        if trainer.is_world_process_zero():
-            print(f"error: {guard.stop_reason}", file=sys.stderr)
-        return 1
+        return report_error(guard.stop_reason, status=1)
 
     metrics = dict(result.metrics)
     if validation is not None:
@@ -215,20 +223,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             metrics.update(trainer.evaluate())
         if "eval_loss" in metrics and objective_args.objective == "clm":  # else the loss covers scored tokens only
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+            metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+            bytes_per_token = split_bytes_per_token(data_args.data_dir, "validation")
+            if bytes_per_token:
+                metrics["eval_bits_per_byte"] = metrics["eval_loss"] / math.log(2) / bytes_per_token
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(args.output_dir)  # weights, config with auto_map + code, tokenizer, generation config
+    if trainer.ema is not None:  # the averaged weights as a model folder of their own, next to the final ones
+        with trainer.ema.swapped_in():
+            trainer.save_model(str(Path(args.output_dir) / "ema"))
     trainer.save_state()  # trainer_state.json: the log history and step count next to the weights
     if trainer.is_world_process_zero():
-        write_reports(trainer, model_args, data_args, train.seq_len, tokens_per_step, peak, metrics)
+        write_reports(trainer, model_args, data_args, run_args, seq_len, tokens_per_step, total_tokens, peak,
+                      metrics, objective_args)
     if args.push_to_hub:  # Trainer.push_to_hub would replace README.md with its generic card
         trainer.accelerator.wait_for_everyone()
         if trainer.is_world_process_zero():
-            upload_folder(repo_id=trainer.hub_model_id, folder_path=args.output_dir,
-                          commit_message="Ember pretraining: final model", ignore_patterns=["checkpoint-*"])
+            push(args.output_dir, trainer.hub_model_id, args.hub_revision or "main", "Ember pretraining: final model")
     return 0
 
 

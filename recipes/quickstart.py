@@ -7,7 +7,7 @@ Stages, each one a recipe of its own that this script only chains:
   1. data          python -m data_prep on the embedded corpus (the interpreter's standard library):
                    cleaning, quality filters, dedup, held-out split, tokenizer training, packing
   2. pretrain      recipes/pretrain.py: a nano model on the packed shards
-  3. perplexity    held-out bits per byte of the untrained and of the pretrained model (modeling.evaluation)
+  3. perplexity    held-out bits per byte of the untrained and of the pretrained model (evaluation.perplexity)
   4. instructions  "docstring -> function" pairs from the training documents (data_prep.instructions)
   5. finetune      recipes/finetune_lora.py: LoRA on the pretrained model, response loss before and after
   6. generate      samples from the pretrained model and chat answers from the finetuned one
@@ -19,30 +19,34 @@ reruns everything); an interrupted data or pretraining stage resumes where it st
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))  # run as a script from anywhere
+from cli import ConfigError, dotted_items, parse_args, report_error
+from data_prep.config import load_config
+from data_prep.documents import read_documents
+from data_prep.instructions import build_instruction_set
+from data_prep.pipeline import run_pipeline
+from evaluation.baselines import compressor_bits_per_byte
+from evaluation.generation import generate, load_for_generation
+from evaluation.perplexity import evaluate_path
+from modeling import EmberConfig
+from modeling.loading import load_checkpoint
+from recipes import finetune_lora as finetune_recipe
+from recipes import pretrain as pretrain_recipe
+from training.pretraining import SETTINGS_FILE
+from training.quickstart_report import write_quickstart_report
+from training.run_report import REPORT_DIR
+from training.stages import Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
 
-from data_prep.config import load_config  # noqa: E402
-from data_prep.instructions import build_instruction_set  # noqa: E402
-from data_prep.io import atomic_write_text  # noqa: E402
-from data_prep.pipeline import run_pipeline  # noqa: E402
-from modeling.evaluation import evaluate_path, load_model_and_tokenizer  # noqa: E402
-from modeling.generation import generate, load_for_generation  # noqa: E402
-from modeling.quickstart_report import write_quickstart_report  # noqa: E402
-from modeling.recipe_config import RecipeConfigError, parse_recipe_args  # noqa: E402
-
-DEFAULT_CONFIG = REPO_ROOT / "recipes" / "configs" / "quickstart_cpu.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
 
 
@@ -51,7 +55,7 @@ class QuickstartArguments:
     output_dir: str = field(default="", metadata={"help": "everything the run writes goes under this folder"})
     force: bool = field(default=False, metadata={"help": "rerun finished stages"})
     data_config: str = ""
-    data_overrides: list[str] = field(default_factory=list, metadata={"help": "--key=value for python -m data_prep"})
+    data_overrides: dict = field(default_factory=dict, metadata={"help": "pipeline keys (dotted) over data_config"})
     pretrain_config: str = ""
     pretrain_overrides: dict = field(default_factory=dict)
     eval_max_documents: int = field(default=0, metadata={"help": "held-out documents scored; 0 = all"})
@@ -66,44 +70,8 @@ class QuickstartArguments:
     max_new_tokens: int = 64
     temperature: float = 0.7
     top_k: int = 40
-
-
-def load_recipe(name: str):
-    """recipes/<name>.py as a module (recipes are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"ember_recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-def as_overrides(values: dict) -> list[str]:
-    return [f"--{key}={json.dumps(value) if isinstance(value, (dict, list)) else value}"
-            for key, value in values.items()]
-
-
-class Stages:
-    """Runs stages in order; a finished stage's result is read back instead of running it again."""
-
-    def __init__(self, folder: Path, force: bool):
-        self.folder, self.force = folder, force
-        self.results: dict[str, dict] = {}
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def run(self, name: str, title: str, work: Callable[[], dict]) -> dict:
-        marker = self.folder / f"{name}.json"
-        number = len(self.results) + 1
-        if marker.is_file() and not self.force:
-            result = json.loads(marker.read_text())
-            print(f"\n=== [{number}/7] {title}: done in an earlier run ({result['seconds']:.0f} s), skipped ===")
-        else:
-            print(f"\n=== [{number}/7] {title} ===", flush=True)
-            start = time.perf_counter()
-            result = {**work(), "seconds": time.perf_counter() - start}
-            atomic_write_text(marker, json.dumps(result, indent=2) + "\n")
-            print(f"=== {title}: {result['seconds']:.0f} s ===", flush=True)
-        self.results[name] = result
-        return result
+    eta_reference: dict = field(default_factory=dict, metadata={
+        "help": "a measured run the plan's estimates scale from: {probe_step_seconds, pretrain_steps, seconds}"})
 
 
 def held_out_bits_per_byte(model, tokenizer, data_dir: Path, args: QuickstartArguments) -> dict:
@@ -126,69 +94,103 @@ def sample(model_dir: Path, prompts: list[str], args: QuickstartArguments, chat:
     return samples
 
 
-def main(argv: list[str] | None = None) -> int:
+def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
+    """Print what each stage will do and, from a probe of this machine's speed, how long it should take; returns
+    the probe's seconds per pretraining step."""
+    data = load_config(args.data_config, {**dotted_items(args.data_overrides), "output_dir": str(data_dir)})
+    model_args, _, _, _, train_args = pretrain_recipe.parse(config=args.pretrain_config, overrides={
+        **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(data_dir)})
+    config = EmberConfig.from_preset(model_args.preset, **{
+        "vocab_size": data.tokenizer.vocab_size, "max_position_embeddings": data.pack.seq_len,
+        **model_args.model_overrides})
+    batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
+    probe = probe_step_seconds(config, batch, data.pack.seq_len)
+    tokens = train_args.max_steps * batch * data.pack.seq_len
+    print_plan(stages, estimate_seconds(args.eta_reference, probe, train_args.max_steps), probe, {
+        "data": f"{', '.join(source.name for source in data.sources)} -> tokenizer ({data.tokenizer.vocab_size:,}) "
+                f"and blocks of {data.pack.seq_len}",
+        "pretrain": f"{model_args.preset} preset, {train_args.max_steps} steps x {batch * data.pack.seq_len:,} "
+                    f"tokens = {tokens:,} tokens",
+        "perplexity": f"bits per byte on {args.eval_max_documents or 'all'} held-out documents",
+        "instructions": f"up to {args.instruction_max_examples:,} docstring -> function pairs",
+        "finetune": "LoRA on the pretrained model",
+        "generate": f"{len(args.prompts)} completion(s), {len(args.chat_prompts)} chat answer(s)",
+        "report": f"{Path(args.output_dir) / 'report.md'}"})
+    return probe
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
     try:
-        (args,) = parse_recipe_args((QuickstartArguments,), argv, PATH_KEYS)
-    except RecipeConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+        (args,) = parse_args((QuickstartArguments,), argv, prog="recipes/quickstart.py",
+                             description=__doc__.split("\n\n")[0], config=None if has_config else DEFAULT_CONFIG,
+                             path_keys=PATH_KEYS)
+    except ConfigError as err:
+        return report_error(err)
     out = Path(args.output_dir)
     data_dir, pretrain_dir = out / "data", out / "pretrain"
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
     stages = Stages(out / "stages", args.force)
     started = time.perf_counter()
+    probe = plan(args, stages, data_dir)
 
     def data() -> dict:
-        run_pipeline(load_config(args.data_config, [f"--output_dir={data_dir}", *args.data_overrides]), workers=2)
+        overrides = {**dotted_items(args.data_overrides), "output_dir": str(data_dir)}
+        run_pipeline(load_config(args.data_config, overrides), workers=2)
         return {"report": json.loads((data_dir / "report.json").read_text())}
 
     def pretrain() -> dict:
-        code = load_recipe("pretrain").main(["--config", args.pretrain_config, f"--data_dir={data_dir}",
-                                             f"--output_dir={pretrain_dir}", "--resume_from_checkpoint=auto",
-                                             *as_overrides(args.pretrain_overrides)])
+        code = pretrain_recipe.main(config=args.pretrain_config, overrides={
+            **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(pretrain_dir),
+            "resume_from_checkpoint": "auto"})
         if code != 0:
             raise SystemExit(code)
         state = json.loads((pretrain_dir / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+        settings = pretrain_dir / REPORT_DIR / SETTINGS_FILE
         return {"metrics": json.loads((pretrain_dir / "all_results.json").read_text()), "steps": state["global_step"],
-                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None}
+                "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+                "config": json.loads(settings.read_text()) if settings.is_file() else {}}
 
     def perplexity() -> dict:
-        model, tokenizer = load_model_and_tokenizer(pretrain_dir, device="cpu")
+        model, tokenizer = load_checkpoint(pretrain_dir, device="cpu")
         torch.manual_seed(0)  # the same architecture, freshly initialised: what the data alone gives
         untrained = type(model)._from_config(model.config, attn_implementation="sdpa").eval()
+        # The same documents through general-purpose compressors: the yardstick a model should beat.
+        compressors = compressor_bits_per_byte(read_documents(data_dir / "documents" / "validation"),
+                                               max_documents=args.eval_max_documents or None)
         return {"untrained": held_out_bits_per_byte(untrained, tokenizer, data_dir, args),
-                "pretrained": held_out_bits_per_byte(model, tokenizer, data_dir, args)}
+                "pretrained": held_out_bits_per_byte(model, tokenizer, data_dir, args), "compressors": compressors}
 
     def instructions() -> dict:
         return build_instruction_set(data_dir, instructions_dir, max_examples=args.instruction_max_examples)
 
     def finetune() -> dict:
-        code = load_recipe("finetune_lora").main([
-            "--config", args.finetune_config, f"--model_name_or_path={pretrain_dir}",
-            f"--train_file={instructions_dir / 'train.jsonl'}",
-            f"--validation_file={instructions_dir / 'validation.jsonl'}", f"--output_dir={finetune_dir}",
-            *as_overrides(args.finetune_overrides)])
+        code = finetune_recipe.main(config=args.finetune_config, overrides={
+            **args.finetune_overrides, "model_name_or_path": str(pretrain_dir),
+            "train_file": str(instructions_dir / "train.jsonl"),
+            "validation_file": str(instructions_dir / "validation.jsonl"), "output_dir": str(finetune_dir)})
         if code != 0:
             raise SystemExit(code)
-        return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text())}
+        return {"metrics": json.loads((finetune_dir / "finetune_metrics.json").read_text()),
+                "output_dir": str(finetune_dir)}
 
     def samples() -> dict:
         return {"pretrained": sample(pretrain_dir, args.prompts, args, chat=False),
                 "finetuned": sample(finetune_dir / "merged", args.chat_prompts, args, chat=True)}
 
-    stages.run("data", "data preparation", data)
-    stages.run("pretrain", "pretraining", pretrain)
-    stages.run("perplexity", "held-out perplexity", perplexity)
-    stages.run("instructions", "instruction set", instructions)
-    stages.run("finetune", "LoRA finetuning", finetune)
-    stages.run("generate", "generation", samples)
-    report = stages.run("report", "report", lambda: {"path": str(write_quickstart_report(
-        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started))})
-    print(f"\nReport: {report['path']}")
+    stages.run("data", data)
+    stages.run("pretrain", pretrain)
+    stages.run("perplexity", perplexity)
+    stages.run("instructions", instructions)
+    stages.run("finetune", finetune)
+    stages.run("generate", samples)
+    report = stages.run("report", lambda: {"path": str(write_quickstart_report(
+        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
+        probe_step_seconds=probe))})
+    print_summary(stages.results, time.perf_counter() - started)
+    print(f"\nReport: {report['path']}\nNumbers: {out / 'results.json'}", flush=True)
     return 0
 
 

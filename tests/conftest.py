@@ -1,5 +1,6 @@
 """Shared fixtures: tiny Ember configs that build and run in milliseconds on CPU."""
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The pretraining recipe as tests launch it: the CPU config, 2-rank DDP, and a model small enough to run in seconds.
+PRETRAIN_RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
+NANO_CPU = REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"
+CPU_DDP = REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml"
+SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
+              "num_attention_heads: 4, num_key_value_heads: 2}"
 
 TINY = dict(
     vocab_size=128,
@@ -75,3 +82,58 @@ def data_dir(tmp_path_factory) -> Path:
         "--pack.seq_len=64", "--validation_fraction=0.1"])
     run_pipeline(cfg)
     return out
+
+
+# A small stdlib run in 2 shards, which every executor (local, Ray, Slurm) must reproduce byte for byte.
+STDLIB_CONFIG = REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"
+SMALL_RUN = ["--num_shards=2", "--sources.0.max_docs=40", "--tokenizer.vocab_size=512", "--pack.seq_len=64",
+             "--validation_fraction=0.1"]
+
+
+def every_output(root: Path) -> dict[str, bytes]:
+    """Every file a run wrote, byte for byte, except the executor's own logs, the copy of the config (it
+    names the executor) and the step timings in report.json."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if not path.is_file() or relative.parts[0] == "executor" or path.name == "pipeline_config.yaml":
+            continue
+        data = path.read_bytes()
+        if relative == Path("report.json"):
+            summary = json.loads(data)
+            summary.pop("seconds")
+            data = json.dumps(summary, sort_keys=True).encode()
+        files[str(relative)] = data
+    assert any(name.endswith(".bin") for name in files) or any(name.startswith("filtered/") for name in files)
+    return files
+
+
+@pytest.fixture(scope="session")
+def small_local_run(tmp_path_factory):
+    from data_prep.config import load_config
+    from data_prep.pipeline import run_pipeline
+
+    cfg = load_config(STDLIB_CONFIG, [f"--output_dir={tmp_path_factory.mktemp('local') / 'out'}", *SMALL_RUN])
+    run_pipeline(cfg, workers=2)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-machine Slurm (controller + this host as its node), started for the session; yields the
+    environment (SLURM_CONF) its commands need. Needs root and Debian's slurmctld/slurmd/munge packages,
+    which `make test` installs (make slurm-deps); CI must have them, elsewhere the tests are skipped."""
+    import shutil
+    import subprocess
+
+    if shutil.which("slurmctld") is None or os.geteuid() != 0:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must run the Slurm tests: `make test` installs slurmctld, slurmd and munge")
+        pytest.skip("needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
+    scripts = REPO_ROOT / "tests" / "slurm"
+    directory = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(scripts / "start_local_slurm.sh"), str(directory)], capture_output=True,
+                             text=True, timeout=180)
+    assert started.returncode == 0, started.stderr[-3000:]
+    yield {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(["bash", str(scripts / "stop_local_slurm.sh"), str(directory)], timeout=60)

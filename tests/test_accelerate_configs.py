@@ -48,6 +48,10 @@ EXPECTED = {
                        mixed_precision="bf16", use_cpu=False),
     "multi_node_fsdp2.yaml": dict(distributed_type=DistributedType.FSDP, num_processes=16, num_machines=2,
                                   mixed_precision="bf16", use_cpu=False, rdzv_backend="static", same_network=True),
+    "tp_multi_gpu.yaml": dict(distributed_type=DistributedType.MULTI_GPU, num_processes=8, num_machines=1,
+                              mixed_precision="bf16", use_cpu=False),
+    "multi_node_cpu_ddp.yaml": dict(distributed_type=DistributedType.MULTI_GPU, num_processes=2, num_machines=2,
+                                    mixed_precision="no", use_cpu=True, rdzv_backend="static", same_network=True),
     # DeepSpeed tiers take bf16 from the JSON ("auto" = the recipe's `bf16`), so they set no mixed_precision.
     "zero2.yaml": dict(distributed_type=DistributedType.DEEPSPEED, num_processes=8, num_machines=1,
                        mixed_precision=None, use_cpu=False),

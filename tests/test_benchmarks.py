@@ -1,11 +1,12 @@
 """The benchmark scripts run end to end at toy size and write well-formed results (no timing asserted)."""
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,6 +64,9 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
     assert abs(throughput["speed_ratio_of_medians"] - expected) < 1e-9
     assert abs(throughput["ember"]["mb_per_s"] / throughput["run_clm"]["mb_per_s"] - expected) < 1e-9
     assert throughput["minhash"]["docs_per_s"] > 0
+    # The raw tokenizer rate on the same documents, side by side with the packer.
+    expected = throughput["encode"]["median_s"] / throughput["ember"]["median_s"]
+    assert throughput["encode"]["median_s"] > 0 and abs(throughput["pack_vs_encode_of_medians"] - expected) < 1e-9
 
     # One fresh process per (path, scale); the doubled stream really carried twice the documents.
     measurements = {(m["method"], m["scale"]): m for m in report["memory"]}
@@ -81,11 +85,9 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
 
     # In process, on hand-made input: the recipe's grouping drops the tail, and the token check refuses a corpus
     # that the two paths tokenize differently (run_clm's tokenizer call matches special-token text, Ember's does not).
-    spec = importlib.util.spec_from_file_location("bench_data_prep", REPO_ROOT / "benchmarks" / "bench_data_prep.py")
-    bench = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # where the script finds bench_common when run
     try:
-        spec.loader.exec_module(bench)
+        import bench_data_prep as bench
     finally:
         sys.path.remove(str(REPO_ROOT / "benchmarks"))
     batch = {"input_ids": [[1, 2, 3], [4, 5]], "attention_mask": [[1, 1, 1], [1, 1]]}
@@ -119,3 +121,26 @@ def test_gpu_session_script_runs_every_step_at_smoke_size(tmp_path, data_dir):
     assert sweep == {1, 2}
     state = json.loads((results / "stability_trainer_state.json").read_text())
     assert state["global_step"] == 4 and not (results / "stability").exists()  # weights not kept
+
+
+def test_bench_pipeline_engines_runs_and_writes_json(tmp_path):
+    """Both comparisons at the smallest size: Ember's run vs datatrove's pipeline on the same corpus, and the
+    local vs the Ray executor (outputs equal byte for byte)."""
+    pytest.importorskip("ray")
+    output = tmp_path / "engines.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_pipeline_engines.py"), "--rounds", "1",
+         "--corpus-docs", "120", "--max-docs", "40", "--output", str(output)],
+        capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    engines = report["ember_vs_datatrove"]
+    assert engines["documents_in"] == 120
+    round_ = engines["rounds"][0]
+    assert round_["ember"]["tokens"] > 0 and round_["datatrove"]["tokens"] > 0
+    assert abs(round_["datatrove_over_ember"] - round_["datatrove"]["seconds"] / round_["ember"]["seconds"]) < 1e-9
+    ray_run = report["local_vs_ray"]["rounds"][0]
+    assert ray_run["identical_outputs"] is True
+    assert ray_run["local"]["seconds"] > 0 and ray_run["ray"]["seconds"] > 0
+    assert "load_1m_at_start" in report and report["machine"]["cores_available"] >= 1

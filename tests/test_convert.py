@@ -312,16 +312,23 @@ def test_cli_missing_src_is_a_one_line_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["to-hf", "from-hf"])
 def test_main_rejects_folder_without_config(tmp_path: Path, command: str, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, str(tmp_path / "empty"), str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert main([command, str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no config.json" in err
 
 
 def test_main_reports_unexportable_setting(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     save_ember(tmp_path / "ember", norm_type="layernorm")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["to-hf", str(tmp_path / "ember"), str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert main(["to-hf", str(tmp_path / "ember"), str(tmp_path / "out")]) == 2
     assert "error: norm_type: 'layernorm'" in capsys.readouterr().err
+
+
+def test_main_takes_the_folders_as_settings_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ember = save_ember(tmp_path / "ember")
+    assert main(["to-hf", f"--src={tmp_path / 'ember'}", f"--dst={tmp_path / 'hf'}"]) == 0
+    assert_same_logits(ember, AutoModelForCausalLM.from_pretrained(tmp_path / "hf"))
+    assert main(["to-gguf-typo", "a", "b"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: to-gguf-typo: unknown command (one of to-hf, from-hf, to-gguf)")
+    assert main(["to-hf", str(tmp_path / "ember")]) == 2
+    assert capsys.readouterr().err.strip() == "error: dst: required key is missing"

@@ -17,7 +17,6 @@ from data_prep.decontam import Decontaminator
 from data_prep.dedup import (
     DedupSignatures,
     MinHasher,
-    load_duplicate_of,
     load_removals,
     normalized_words,
     plan_removals,
@@ -60,7 +59,10 @@ def run_dedup(tmp_path: Path, shards: list[list[tuple[int, str]]], cfg: DedupCon
         removal_paths.append(tmp_path / f"removals/{k:05d}.removals")
         signatures.save(signature_paths[-1])
     counts = plan_removals(signature_paths, cfg, removal_paths)
-    return counts, [load_removals(p) for p in removal_paths], [load_duplicate_of(p) for p in removal_paths]
+    loaded = [load_removals(p) for p in removal_paths]
+    reasons = [{i: removal.reason for i, removal in shard.items()} for shard in loaded]
+    kept = [{i: (removal.kept_shard, removal.kept_index) for i, removal in shard.items()} for shard in loaded]
+    return counts, reasons, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +248,8 @@ def test_removal_files_round_trip_and_bad_inputs_fail_clearly(tmp_path):
     assert kept == [{9: (0, 3)}, {}, {0: (0, 3)}]
     assert all(isinstance(i, int) and isinstance(r, str) for shard in removals for i, r in shard.items())
     # Reading again gives the same answer.
-    assert load_removals(tmp_path / "removals/00002.removals") == {0: "exact_duplicate"}
+    assert {i: r.reason for i, r in load_removals(tmp_path / "removals/00002.removals").items()} == {
+        0: "exact_duplicate"}
 
     (tmp_path / "broken.npz").write_bytes(b"not a zip file")
     with pytest.raises(ValueError, match="broken.npz: unreadable dedup removal file"):

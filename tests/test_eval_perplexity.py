@@ -1,11 +1,10 @@
-"""modeling.evaluation and recipes/eval_perplexity.py: sliding-window perplexity against independent references.
+"""evaluation.perplexity and recipes/eval_perplexity.py: sliding-window perplexity against independent references.
 
 References: a per-target loop that rebuilds each target's context from the window definition (one forward
 pass per target, no batching or padding), the Trainer's eval_loss on packed blocks, and lm-eval's
 loglikelihood_rolling on the local rolling task in tests/data/lm_eval_tasks.
 """
 
-import importlib.util
 import json
 import math
 
@@ -15,21 +14,16 @@ import zstandard
 from conftest import REPO_ROOT, tiny_model
 from transformers import Trainer, TrainingArguments
 
+from data_prep.documents import read_documents
 from data_prep.io import read_docs, write_docs
 from data_prep.packing import PackedShardWriter
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-from modeling.evaluation import (
-    evaluate_packed_perplexity,
-    evaluate_path,
-    evaluate_perplexity,
-    read_texts,
-    window_spans,
-)
-from modeling.training import collate_packed
+from evaluation.perplexity import evaluate_packed_perplexity, evaluate_path, evaluate_perplexity, window_spans
+from recipes import eval_perplexity as recipe
+from training.trainer import collate_packed
 
 TASKS = REPO_ROOT / "tests" / "data" / "lm_eval_tasks"
-RECIPE = REPO_ROOT / "recipes" / "eval_perplexity.py"
 RTOL = 1e-4
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -162,27 +156,27 @@ def test_reads_jsonl_zst_and_folders_with_line_numbered_errors(tmp_path, data_di
     write_docs(folder / "00000-of-00002.jsonl.zst", [{"id": "a", "text": TEXTS[0]}, {"id": "b", "text": TEXTS[1]}])
     (folder / "00001-of-00002.jsonl").write_text(json.dumps({"body": TEXTS[2]}) + "\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"00001-of-00002\.jsonl:1: no 'text' field"):
-        list(read_texts(folder))
-    assert list(read_texts(folder / "00001-of-00002.jsonl", text_field="body")) == [TEXTS[2]]
+        list(read_documents(folder))
+    assert list(read_documents(folder / "00001-of-00002.jsonl", text_field="body")) == [TEXTS[2]]
     (folder / "00001-of-00002.jsonl").write_text(json.dumps({"text": TEXTS[2]}) + "\n{oops\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"00001-of-00002\.jsonl:2: not valid JSON"):
-        list(read_texts(folder))
+        list(read_documents(folder))
     (folder / "00001-of-00002.jsonl").write_text(json.dumps({"text": 7}) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r":1: field 'text' is int, not a string"):
-        list(read_texts(folder))
+    with pytest.raises(ValueError, match=r":1: field 'text' is not a string"):
+        list(read_documents(folder))
     (folder / "00001-of-00002.jsonl").unlink()
-    assert list(read_texts(folder)) == TEXTS[:2]
+    assert list(read_documents(folder)) == TEXTS[:2]
 
     broken = tmp_path / "broken.jsonl.zst"
     broken.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "fine"}\nnot json\n'))
     with pytest.raises(ValueError, match=r"broken\.jsonl\.zst:2: not valid JSON"):
-        list(read_texts(broken))
+        list(read_documents(broken))
     with pytest.raises(ValueError, match="no such file"):
-        list(read_texts(tmp_path / "missing.jsonl"))
+        list(read_documents(tmp_path / "missing.jsonl"))
 
     validation = data_dir / "documents" / "validation"  # data_prep's own held-out documents
     expected = [doc["text"] for shard in sorted(validation.glob("*.jsonl.zst")) for doc in read_docs(shard)]
-    assert expected and list(read_texts(validation)) == expected
+    assert expected and list(read_documents(validation)) == expected
 
 
 def write_shard(prefix, token_lists, seq_len, tokenizer, **extra) -> dict:
@@ -239,18 +233,11 @@ def test_matches_lm_eval_loglikelihood_rolling(model, tokenizer):
                              task_manager=TaskManager(include_path=str(TASKS), include_defaults=False))
     samples = output["samples"]["ember_python_text"]
     lm_eval_nll = -sum(sample["filtered_resps"][0] for sample in samples)
-    ours = evaluate_perplexity(model, tokenizer, read_texts(TASKS / "python_text.jsonl"), window=16, stride=16,
+    ours = evaluate_perplexity(model, tokenizer, read_documents(TASKS / "python_text.jsonl"), window=16, stride=16,
                                batch_size=4, progress=False)
     assert ours.num_documents == len(samples) == 6
     assert ours.total_nll == pytest.approx(lm_eval_nll, rel=RTOL)
     assert ours.bits_per_byte == pytest.approx(output["results"]["ember_python_text"]["bits_per_byte,none"], rel=RTOL)
-
-
-def load_recipe():
-    spec = importlib.util.spec_from_file_location("eval_perplexity", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_cli_on_ember_and_llama_checkpoints(model, tokenizer, tmp_path, capsys):
@@ -264,12 +251,10 @@ def test_cli_on_ember_and_llama_checkpoints(model, tokenizer, tmp_path, capsys):
     data.write_text("".join(json.dumps({"content": t}) + "\n" for t in TEXTS), encoding="utf-8")
     expected = evaluate_perplexity(model, tokenizer, TEXTS, window=16, stride=4, progress=False)
 
-    recipe = load_recipe()
     for checkpoint in (ember_dir, llama_dir):
         output = tmp_path / f"{checkpoint.name}.json"
-        assert recipe.main(["--model", str(checkpoint), "--data", str(data), "--text_field", "content",
-                            "--window", "16", "--stride", "4", "--batch_size", "4", "--device", "cpu",
-                            "--output", str(output)]) == 0
+        assert recipe.main([f"--model={checkpoint}", f"--data={data}", "--text_field=content", "--window=16",
+                            "--stride=4", "--batch_size=4", "--device=cpu", f"--output={output}"]) == 0
         written = json.loads(output.read_text())
         assert written["model"] == str(checkpoint) and written["data"] == str(data)
         assert written["num_tokens"] == expected.num_tokens and written["num_documents"] == len(TEXTS)
@@ -278,6 +263,13 @@ def test_cli_on_ember_and_llama_checkpoints(model, tokenizer, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "perplexity" in table and "bits / byte" in table and f"{expected.num_tokens:,}" in table
 
+    # Without --output the result goes next to the model, named after the data; batched by default.
+    assert recipe.main([f"--model={ember_dir}", f"--data={data}", "--text_field=content", "--window=16",
+                        "--stride=4", "--device=cpu"]) == 0
+    written = json.loads((ember_dir / f"perplexity_{tmp_path.name}_texts.jsonl.json").read_text())
+    assert written["bits_per_byte"] == pytest.approx(expected.bits_per_byte, rel=RTOL)
+    assert recipe.PerplexityArguments.__dataclass_fields__["batch_size"].default > 1
+
 
 def test_cli_errors_are_one_line(model, tokenizer, tmp_path, capsys):
     checkpoint = tmp_path / "ckpt"
@@ -285,14 +277,17 @@ def test_cli_errors_are_one_line(model, tokenizer, tmp_path, capsys):
     tokenizer.save_pretrained(checkpoint)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
-    recipe = load_recipe()
     capsys.readouterr()  # the save's progress bars
     for data_path, message in [(tmp_path / "missing.txt", f"{tmp_path / 'missing.txt'}: no such file or folder"),
                                (bad, f"{bad}:2: not valid JSON")]:
-        assert recipe.main(["--model", str(checkpoint), "--data", str(data_path), "--window", "16"]) == 2
+        assert recipe.main([f"--model={checkpoint}", f"--data={data_path}", "--window=16"]) == 2
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and errors[0].startswith(f"error: {message}")
 
-    assert recipe.main(["--model", str(tmp_path / "nope"), "--data", str(bad)]) == 2
+    assert recipe.main([f"--model={tmp_path / 'nope'}", f"--data={bad}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such model directory"]
+    assert recipe.main([f"--model={tmp_path}", f"--data={bad}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {tmp_path / 'nope'}: not a model checkpoint folder (no config.json)"]
+        f"error: {tmp_path}: not a model directory (no config.json or adapter_config.json)"]
+    assert recipe.main([f"--model={checkpoint}", f"--data={bad}", "--window=2.5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: window: expected an integer, got '2.5'"]

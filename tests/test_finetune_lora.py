@@ -1,10 +1,8 @@
-"""LoRA / QLoRA finetuning (modeling.finetune, recipes/finetune_lora.py) on tiny models and the data_prep
+"""LoRA / QLoRA finetuning (training.finetune, recipes/finetune_lora.py) on tiny models and the data_prep
 fixture's tokenizer: response-only labels, adapters that train while the base stays put, merges that
 reproduce the adapter model, 4-bit bases on CPU, MoE experts, and the recipe end to end."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -16,20 +14,20 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from data_prep.tokenizer import IM_END, load_tokenizer
 from modeling import EmberForCausalLM
-from modeling.finetune import (
+from modeling.loading import load_model
+from recipes import finetune_lora as recipe
+from training.finetune import (
     IGNORE_INDEX,
     MOE_EXPERT_PARAMETERS,
     InstructionCollator,
     InstructionDataset,
     add_lora,
     ensure_assistant_mask_template,
-    load_base_model,
     lora_config,
     merge_adapter,
     parameter_counts,
     response_loss,
 )
-from modeling.recipe_config import parse_recipe_args
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "recipes" / "configs"
@@ -160,7 +158,7 @@ def test_a_template_without_generation_markers_is_upgraded_or_refused(tokenizer)
 @pytest.fixture(scope="module")
 def trained_lora(base_dir, tokenizer, train_file, tmp_path_factory):
     dataset = InstructionDataset(train_file, tokenizer, max_length=96)
-    model = add_lora(load_base_model(base_dir), lora_config(EmberForCausalLM.from_pretrained(base_dir), r=8,
+    model = add_lora(load_model(base_dir), lora_config(EmberForCausalLM.from_pretrained(base_dir), r=8,
                                                               alpha=16, dropout=0.0))
     collator = InstructionCollator(tokenizer.pad_token_id)
     before = response_loss(model, dataset, collator)
@@ -226,7 +224,7 @@ def test_lora_config_names_modules_the_model_has():
 # ---------------------------------------------------------------------------------------------
 
 def test_qlora_trains_on_a_4bit_base_and_merges_into_full_precision(base_dir, tokenizer, train_file, tmp_path):
-    quantized = load_base_model(base_dir, load_in_4bit=True)
+    quantized = load_model(base_dir, load_in_4bit=True)
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert quantized.model.layers[0].self_attn.q_proj.weight.quant_type == "nf4"
     model = add_lora(quantized, lora_config(quantized, r=8, alpha=16, dropout=0.0))
@@ -282,24 +280,12 @@ def test_moe_experts_are_adapted_through_target_parameters(tmp_path):
 # The recipe
 # ---------------------------------------------------------------------------------------------
 
-def load_recipe():
-    """recipes/finetune_lora.py as a module, to call its main() in this process (no interpreter start-up)."""
-    if "finetune_lora" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("finetune_lora", REPO_ROOT / "recipes" / "finetune_lora.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["finetune_lora"]
-
-
 @pytest.mark.parametrize("name", ["lora_nano_cpu", "qlora_nano_cpu", "lora_1b_1gpu", "qlora_7b_1gpu"])
 def test_recipe_configs_parse_and_name_their_hardware(name):
-    recipe = load_recipe()
     path = CONFIGS / f"{name}.yaml"
     assert path.read_text().startswith("# Hardware: ")
-    model_args, lora_args, data_args, args = parse_recipe_args(
-        (recipe.ModelArguments, recipe.LoraArguments, recipe.DataArguments, TrainingArguments),
-        ["--config", str(path), "--use_cpu=true", "--bf16=false", "--tf32=false"], recipe.PATH_KEYS)
+    model_args, lora_args, data_args, args = recipe.parse(
+        ["--config", str(path), "--use_cpu=true", "--bf16=false", "--tf32=false"])
     assert model_args.load_in_4bit == name.startswith("qlora") and lora_args.merge
     assert Path(data_args.train_file).is_absolute() and data_args.max_length > 0
     assert args.max_steps > 0 or args.num_train_epochs > 0
@@ -307,7 +293,7 @@ def test_recipe_configs_parse_and_name_their_hardware(name):
 
 def test_recipe_end_to_end_writes_adapter_merged_model_and_metrics(base_dir, train_file, tmp_path):
     output_dir = tmp_path / "run"
-    code = load_recipe().main([
+    code = recipe.main([
         "--config", str(CONFIGS / "lora_nano_cpu.yaml"), f"--model_name_or_path={base_dir}",
         f"--train_file={train_file}", f"--validation_file={train_file}", f"--output_dir={output_dir}",
         "--max_steps=4", "--warmup_steps=0", "--max_length=96", "--learning_rate=1e-2", "--logging_steps=2"])
@@ -323,14 +309,18 @@ def test_recipe_end_to_end_writes_adapter_merged_model_and_metrics(base_dir, tra
 
 
 def test_recipe_config_errors_are_one_line(base_dir, train_file, tmp_path, capsys):
-    recipe = load_recipe()
     bad_line = write_jsonl(tmp_path / "bad.jsonl", [EXAMPLES[0], {"prompt": "no response"}])
     cases = [
         (["--lora_rank=4"], "error: lora_rank: unknown key"),
         ([f"--model_name_or_path={tmp_path / 'missing'}"], "error: model_name_or_path: checkpoint folder not found"),
         ([f"--train_file={bad_line}"], f"error: {bad_line}:2: expected a 'messages' list, or 'prompt' and 'response'"),
+        ([f"--train_file={tmp_path / 'none.jsonl'}"], "error: train_file: instruction file not found: "
+                                                       f"'{tmp_path / 'none.jsonl'}'; write one with python -m "
+                                                       "data_prep.instructions"),
         (["--lora_target_modules=[q_proj, fused_qkv]"], "error: lora_target_modules: 'fused_qkv' names no Linear"),
         (["--max_length=4096"], "error: max_length: 4096 exceeds the model's max_position_embeddings 256"),
+        (["--lora_r=2.5"], "error: lora_r: expected an integer, got '2.5'"),
+        (["--merge=perhaps"], "error: merge: expected a boolean, got 'perhaps'"),
     ]
     for overrides, message in cases:
         argv = ["--config", str(CONFIGS / "lora_nano_cpu.yaml"), f"--model_name_or_path={base_dir}",

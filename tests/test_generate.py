@@ -1,9 +1,8 @@
-"""Tests of `modeling.generation` and `recipes/generate.py` on a tiny Ember model with the data_prep tokenizer:
+"""Tests of `evaluation.generation` and `recipes/generate.py` on a tiny Ember model with the data_prep tokenizer:
 greedy decoding against a hand-rolled argmax loop, seeded sampling, streaming, the stock Llama export, a peft
 adapter folder, chat mode, and the command line."""
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,9 +14,10 @@ from conftest import REPO_ROOT, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, LlamaForCausalLM, TextStreamer
 
+from evaluation.generation import encode_prompt, generate, load_for_generation
 from modeling import EmberForCausalLM
 from modeling.convert import to_hf
-from modeling.generation import encode_prompt, generate, load_for_generation
+from recipes import generate as recipe
 
 RECIPE = REPO_ROOT / "recipes" / "generate.py"
 PROMPT = "import os\n\ndef main("
@@ -162,9 +162,6 @@ def test_bad_inputs_are_one_line_value_errors(loaded, tmp_path):
 
 
 def run_cli_in_process(*argv: str) -> int:
-    spec = importlib.util.spec_from_file_location("generate_recipe", RECIPE)
-    recipe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipe)
     return recipe.main(list(argv))
 
 
@@ -172,8 +169,8 @@ def test_cli_streams_greedy_text_and_exits_0(loaded, ember_dir):
     model, tokenizer = loaded
     expected = generate(model, tokenizer, PROMPT, **{**GREEDY, "max_new_tokens": 8})
     result = subprocess.run(
-        [sys.executable, str(RECIPE), "--model", str(ember_dir), "--prompt", PROMPT, "--temperature", "0",
-         "--max_new_tokens", "8", "--device", "cpu"],
+        [sys.executable, str(RECIPE), f"--model={ember_dir}", f"--prompt={PROMPT}", "--temperature=0",
+         "--max_new_tokens=8", "--device=cpu"],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -181,12 +178,12 @@ def test_cli_streams_greedy_text_and_exits_0(loaded, ember_dir):
 
 def test_cli_bad_input_is_one_line_error_exit_2(tmp_path, capsys):
     missing = tmp_path / "no-model"
-    assert run_cli_in_process("--model", str(missing), "--prompt", "x") == 2
+    assert run_cli_in_process(f"--model={missing}", "--prompt=x") == 2
     err = capsys.readouterr().err
     assert err == f"error: {missing}: no such model directory\n"
 
-    assert run_cli_in_process("--model", str(missing), "--prompt_file", str(tmp_path / "no.txt")) == 2
+    assert run_cli_in_process(f"--model={missing}", f"--prompt_file={tmp_path / 'no.txt'}") == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'no.txt'}: no such prompt file\n"
 
-    assert run_cli_in_process("--model", str(missing), "--prompt", "x", "--temperature", "-1") == 2
+    assert run_cli_in_process(f"--model={missing}", "--prompt=x", "--temperature=-1") == 2
     assert capsys.readouterr().err.startswith("error: temperature: must be >= 0")

@@ -90,10 +90,11 @@ def test_activation_checkpointing_cuts_activation_memory_on_cuda():
 def test_qlora_trains_a_4bit_base_on_cuda(tmp_path):
     import bitsandbytes as bnb
 
-    from modeling.finetune import add_lora, load_base_model, lora_config
+    from modeling.loading import load_model
+    from training.finetune import add_lora, lora_config
 
     tiny_model(hidden_size=128, num_attention_heads=4).save_pretrained(tmp_path / "base")
-    model = load_base_model(tmp_path / "base", load_in_4bit=True)
+    model = load_model(tmp_path / "base", load_in_4bit=True)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.device.type == "cuda"
     assert q_proj.weight.quant_type == "nf4" and q_proj.compute_dtype == torch.bfloat16

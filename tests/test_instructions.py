@@ -1,5 +1,5 @@
 """data_prep.instructions ("docstring -> function" examples from the train corpus) and the instruction jsonl
-reader of modeling.finetune: extraction from known source, determinism, dedup, a prompt-hash split that
+reader of training.finetune: extraction from known source, determinism, dedup, a prompt-hash split that
 does not move, train documents only, and bad lines reported as file:line plus the field."""
 
 import ast
@@ -18,7 +18,7 @@ from data_prep.instructions import (
     split_of,
 )
 from data_prep.io import read_docs
-from modeling.finetune import read_conversations
+from training.finetune import read_conversations
 
 SOURCE = '''"""A module of small helpers."""
 
@@ -158,7 +158,7 @@ def test_a_data_prep_output_gives_examples_from_train_documents_only(data_dir, t
     assert held_out and report["counts"]["documents"] == len(train_ids)
     for split in ("train", "validation"):
         path = tmp_path / "a" / f"{split}.jsonl"
-        assert len(read_conversations(path)) == report[split]  # the format modeling.finetune reads
+        assert len(read_conversations(path)) == report[split]  # the format training.finetune reads
         for record in map(json.loads, path.open()):
             document = record["id"].rsplit("#", 1)[0]
             assert document in train_ids and document not in held_out
@@ -170,16 +170,18 @@ def test_a_data_prep_output_gives_examples_from_train_documents_only(data_dir, t
 
 
 def test_cli_writes_the_set_and_reports_bad_input_in_one_line(data_dir, tmp_path, capsys):
-    assert main(["--data_dir", str(data_dir), "--output", str(tmp_path / "out"), "--max_examples", "4",
-                 "--validation_fraction", "0.5"]) == 0
+    assert main([f"--data_dir={data_dir}", f"--output={tmp_path / 'out'}", "--max_examples=4",
+                 "--validation_fraction=0.5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("instructions: ") and "documents" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["train"] + report["validation"] == 4 and report["max_examples"] == 4
-    assert main(["--data_dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
+    assert main([f"--data_dir={tmp_path / 'nowhere'}", f"--output={tmp_path / 'x'}"]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere' / 'documents' / 'train'}: no ")
-    assert main(["--data_dir", str(data_dir), "--output", str(tmp_path / "x"), "--validation_fraction", "1.5"]) == 2
+    assert main([f"--data_dir={data_dir}", f"--output={tmp_path / 'x'}", "--validation_fraction=1.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: validation_fraction: must be in [0, 1), got 1.5"
+    assert main([f"--data_dir={data_dir}"]) == 2
+    assert capsys.readouterr().err.strip() == "error: output: required key is missing"
 
 
 GOOD = '{"prompt": "Say hi.", "response": "hi"}'

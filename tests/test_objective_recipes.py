@@ -1,15 +1,13 @@
 """recipes/pretrain.py with `objective: mlm | prefix_lm | ul2` and recipes/finetune_classifier.py end to end on CPU
 (tiny models, the stdlib corpus), plus their one-line errors."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForTokenClassification, TrainingArguments
+from transformers import AutoModelForTokenClassification
 
 from data_prep.tasks import build_tasks, package_files
 from data_prep.token_dataset import PackedDataset
@@ -17,7 +15,7 @@ from data_prep.tokenizer import load_tokenizer
 from evaluation.classification import entity_scores
 from evaluation.objectives import objective_metrics
 from modeling import EmberForMaskedLM
-from modeling.recipe_config import parse_recipe_args
+from recipes import finetune_classifier, pretrain
 from training.classification import TokenDataset, read_records
 from training.objectives import MaskedLMCollator
 
@@ -25,16 +23,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "recipes" / "configs"
 SMALL_MODEL = ("--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
                "num_attention_heads: 4, num_key_value_heads: 2}")
-
-
-def load_recipe(name: str):
-    """recipes/<name>.py as a module, to call its main() in this process (no interpreter start-up)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def one_error(capsys) -> str:
@@ -64,15 +52,15 @@ def objective_data(tmp_path_factory) -> Path:
     return out
 
 
-def pretrain(config: str, *args: str) -> int:
-    return load_recipe("pretrain").main(["--config", str(CONFIGS / config), SMALL_MODEL, "--logging_steps=5",
+def run_pretrain(config: str, *args: str) -> int:
+    return pretrain.main(["--config", str(CONFIGS / config), SMALL_MODEL, "--logging_steps=5",
                                          "--warmup_steps=4", "--per_device_train_batch_size=8", *args])
 
 
 @pytest.fixture(scope="module")
 def encoder_dir(objective_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run") / "encoder"
-    assert pretrain("pretrain_encoder_nano_cpu.yaml", f"--data_dir={objective_data}", f"--output_dir={out}",
+    assert run_pretrain("pretrain_encoder_nano_cpu.yaml", f"--data_dir={objective_data}", f"--output_dir={out}",
                     "--max_steps=60", "--eval_steps=30", "--save_steps=60", "--learning_rate=3e-3") == 0
     return out
 
@@ -100,7 +88,7 @@ def test_mlm_pretraining_lowers_held_out_masked_token_loss(encoder_dir, objectiv
 @pytest.mark.parametrize("objective", ["prefix_lm", "ul2"])
 def test_prefix_lm_and_ul2_pretraining_runs_and_learns(objective, objective_data, tmp_path):
     out = tmp_path / objective
-    assert pretrain("pretrain_nano_cpu.yaml", f"--objective={objective}", f"--data_dir={objective_data}",
+    assert run_pretrain("pretrain_nano_cpu.yaml", f"--objective={objective}", f"--data_dir={objective_data}",
                     f"--output_dir={out}", "--max_steps=24", "--eval_steps=12", "--save_steps=24") == 0
     state = json.loads((out / "trainer_state.json").read_text())
     evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
@@ -119,7 +107,7 @@ def test_objective_errors_are_one_line(objective_data, data_dir, tmp_path, capsy
         ("pretrain_encoder_nano_cpu.yaml", [f"--data_dir={objective_data}", "--mask_rate=1.5"], "error: mask_rate: "),
     ]
     for config, args, message in cases:
-        assert pretrain(config, f"--output_dir={tmp_path / 'out'}", *args) == 2
+        assert run_pretrain(config, f"--output_dir={tmp_path / 'out'}", *args) == 2
         assert one_error(capsys).startswith(message)
 
 
@@ -132,7 +120,7 @@ def tasks(tmp_path_factory) -> Path:
 
 
 def finetune(config: str, *args: str) -> int:
-    return load_recipe("finetune_classifier").main(["--config", str(CONFIGS / config), "--logging_steps=5",
+    return finetune_classifier.main(["--config", str(CONFIGS / config), "--logging_steps=5",
                                                     "--warmup_steps=2", "--max_length=64", *args])
 
 
@@ -184,7 +172,7 @@ def test_classifier_errors_are_one_line(encoder_dir, tasks, tmp_path, capsys):
             f"--train_file={tasks / 'package' / 'train.jsonl'}"]
     cases = [
         ([f"--validation_file={bad}"], f"error: {bad}:2: label: 'json' is not one of the labels ['asyncio', 'email']"),
-        ([f"--validation_file={bad}", "--task=regression"], "error: task: expected one of"),
+        ([f"--validation_file={bad}", "--task=regression"], "error: task: expected sequence or token"),
         ([f"--validation_file={bad}", f"--model_name_or_path={tmp_path}"], "error: model_name_or_path: not a "),
         ([f"--validation_file={tasks / 'package' / 'validation.jsonl'}", "--max_length=4096"],
          "error: max_length: 4096 exceeds"),
@@ -198,8 +186,6 @@ def test_classifier_errors_are_one_line(encoder_dir, tasks, tmp_path, capsys):
 def test_recipe_configs_parse_and_name_their_hardware(name):
     path = CONFIGS / f"{name}.yaml"
     assert path.read_text().startswith("# Hardware: ")
-    recipe = load_recipe("pretrain" if name.startswith("pretrain") else "finetune_classifier")
-    classes = ((recipe.ModelArguments, recipe.DataArguments, recipe.ObjectiveArguments) if name.startswith("pretrain")
-               else (recipe.ClassifierArguments,))
-    parsed = parse_recipe_args((*classes, TrainingArguments), ["--config", str(path)], recipe.PATH_KEYS)
+    recipe = pretrain if name.startswith("pretrain") else finetune_classifier
+    parsed = recipe.parse(["--config", str(path)])
     assert parsed[-1].max_steps > 0

@@ -19,16 +19,15 @@ from data_prep.tokenizer import (
     MASK_TOKEN,
     encode_documents,
     sentinel_token_ids,
-    special_token_ids,
     special_tokens_for,
     train_tokenizer,
 )
 from evaluation.objectives import objective_metrics, pseudo_perplexity, token_byte_lengths
 from modeling import EmberForCausalLM, EmberForMaskedLM
+from training.arguments import ObjectiveArguments
 from training.objectives import (
     UL2_MIXTURE,
     MaskedLMCollator,
-    ObjectiveArguments,
     PrefixLMCollator,
     UL2Collator,
     build_collator,
@@ -80,9 +79,8 @@ def test_objective_tokens_come_after_the_reserved_slots_and_only_when_asked(toke
                        "<|fim_suffix|>", *(f"<|reserved_{i}|>" for i in range(8))]
     asked = special_tokens_for(TokenizerConfig(model="unigram", mask_token=True, num_sentinel_tokens=2))
     assert asked == [*default, MASK_TOKEN, *DENOISER_TOKENS.values(), "<|sentinel_0|>", "<|sentinel_1|>", "<|unk|>"]
-    ids = special_token_ids(tokenizer)
-    assert tokenizer.mask_token == MASK_TOKEN and ids["mask"] == tokenizer.mask_token_id == 15
-    assert [ids["r_denoiser"], ids["s_denoiser"], ids["x_denoiser"]] == [16, 17, 18]
+    assert tokenizer.mask_token == MASK_TOKEN and tokenizer.mask_token_id == 15
+    assert tokenizer.convert_tokens_to_ids(list(DENOISER_TOKENS.values())) == [16, 17, 18]
     assert sentinel_token_ids(tokenizer) == list(range(19, 43))
     assert MASK_TOKEN not in tokenizer.decode(encode_documents(tokenizer, ["x = 1"])[0])
 

@@ -14,12 +14,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from data_prep.token_dataset import PackedDataset
 from modeling import EmberConfig, EmberForCausalLM
-from modeling.training import PretrainingTrainer, collate_packed, latest_complete_checkpoint
+from training.checkpoints import latest_complete_checkpoint
+from training.trainer import PretrainingTrainer, collate_packed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
@@ -62,8 +64,18 @@ def finish(process: subprocess.Popen, output_dir: Path) -> list[str]:
     return stdout.splitlines()
 
 
+def is_training_log(line: str) -> bool:
+    """A periodic training log as the recipe prints it: `step 3/8 | loss 5.123 | ...`."""
+    return line.startswith("step ") and "| loss " in line
+
+
 def training_log_lines(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.startswith("{'loss'")]
+    return [line for line in lines if is_training_log(line)]
+
+
+def logged_loss(line: str) -> float:
+    """The loss of a training log line (printed to 4 significant digits)."""
+    return float(next(part for part in line.split(" | ") if part.startswith("loss "))[len("loss "):])
 
 
 def hard_kill(process: subprocess.Popen) -> None:
@@ -98,7 +110,7 @@ def test_killed_run_resumes_bitwise_and_skips_a_half_written_checkpoint(data_dir
     process = start_ddp_run(data_dir, out)
     steps_logged = 0
     for line in process.stdout:
-        steps_logged += line.startswith("{'loss'")
+        steps_logged += is_training_log(line)
         if steps_logged == KILL_AFTER_STEP:
             hard_kill(process)
             break
@@ -175,7 +187,7 @@ def test_resume_skips_consumed_blocks_by_index_without_reading_them(data_dir, tm
 def write_checkpoint(output_dir: Path, step: int, trainer_state: str | None) -> Path:
     folder = output_dir / f"checkpoint-{step}"
     folder.mkdir(parents=True)
-    (folder / "model.safetensors").write_bytes(b"weights")
+    save_file({"weight": torch.zeros(2, 2)}, folder / "model.safetensors")
     if trainer_state is not None:
         (folder / "trainer_state.json").write_text(trainer_state)
     return folder

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import recipe_error, tiny_model
+from test_pretrain_resume import training_log_lines
 from transformers import TrainingArguments
 
-from data_prep.token_dataset import StreamingPackedDataset, open_document_stream
+from data_prep.documents import open_document_stream
+from data_prep.token_dataset import StreamingPackedDataset
 from data_prep.tokenizer import load_tokenizer
-from modeling.training import PretrainingTrainer, collate_packed, is_rank_stream
+from training.trainer import PretrainingTrainer, collate_packed, is_rank_stream
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
@@ -24,19 +26,22 @@ CPU_DDP = REPO_ROOT / "accelerate_configs" / "cpu_ddp.yaml"
 SMALL_MODEL = "--model_overrides={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, " \
               "num_attention_heads: 4, num_key_value_heads: 2}"
 MAX_STEPS, SAVE_STEPS = 8, 4
-COMPARED = ("step", "loss", "grad_norm", "learning_rate")
+COMPARED = ("step", "epoch", "loss", "grad_norm", "learning_rate")
 
 
-def run_streaming(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP), str(RECIPE),
+def run_streaming(data_dir: Path, output_dir: Path, *extra: str, ranks: int = 2,
+                  expect_status: int = 0) -> subprocess.CompletedProcess:
+    launch = ([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DDP)] if ranks == 2
+              else [sys.executable])
+    command = [*launch, str(RECIPE),
                "--config", str(NANO_CPU), f"--data_dir={data_dir}", f"--output_dir={output_dir}", SMALL_MODEL,
                "--streaming=true", f"--max_steps={MAX_STEPS}", f"--save_steps={SAVE_STEPS}", "--warmup_steps=2",
                "--logging_steps=1", "--eval_strategy=no", "--per_device_train_batch_size=2",
                "--dataloader_num_workers=0", "--disable_tqdm=true", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, text=True, capture_output=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.splitlines()
+    assert result.returncode == expect_status, result.stderr[-3000:]
+    return result
 
 
 def history(output_dir: Path, step: int) -> list[dict]:
@@ -54,11 +59,22 @@ def test_two_rank_streaming_run_resumes_each_stream_exactly(data_dir, tmp_path):
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / checkpoint.name)
-    lines = run_streaming(data_dir, resumed, "--resume_from_checkpoint=auto")
-    assert sum(line.startswith("{'loss'") for line in lines) == MAX_STEPS - SAVE_STEPS
+    lines = run_streaming(data_dir, resumed, "--resume_from_checkpoint=auto").stdout.splitlines()
+    assert len(training_log_lines(lines)) == MAX_STEPS - SAVE_STEPS
     expected = history(full, MAX_STEPS)
     assert [entry["step"] for entry in expected] == list(range(1, MAX_STEPS + 1))
-    assert history(resumed, MAX_STEPS) == expected  # bitwise: the streams went on from where they were saved
+    assert [entry["epoch"] for entry in expected] == [step / MAX_STEPS for step in range(1, MAX_STEPS + 1)]
+    # bitwise: the streams went on from where they were saved; the epoch goes on too, it does not restart at 0
+    assert history(resumed, MAX_STEPS) == expected
+
+    # The 2-rank streams resumed by one process: each stream is a share of the documents, so refused.
+    alone = tmp_path / "one_process"
+    alone.mkdir()
+    shutil.copytree(checkpoint, alone / checkpoint.name)
+    result = run_streaming(data_dir, alone, "--resume_from_checkpoint=auto", ranks=1, expect_status=2)
+    assert recipe_error(result.stderr) == (
+        f"error: resume_from_checkpoint: {alone / checkpoint.name} holds the streams of 2 ranks and this run has "
+        "1; resume a streaming run with the same number of processes")
 
 
 def test_rank_shares_are_disjoint_and_cover_the_documents(data_dir):

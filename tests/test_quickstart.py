@@ -11,8 +11,9 @@ from conftest import recipe_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
-    "--data_overrides=[--num_shards=1, --sources.0.max_docs=60, --tokenizer.vocab_size=512, --pack.seq_len=64, "
-    "--validation_fraction=0.1]",
+    "--data_overrides.num_shards=1", "--data_overrides.sources.0.max_docs=60",
+    "--data_overrides.tokenizer.vocab_size=512", "--data_overrides.pack.seq_len=64",
+    "--data_overrides.validation_fraction=0.1",
     "--pretrain_overrides={max_steps: 12, warmup_steps: 2, save_steps: 6, logging_steps: 2, eval_strategy: 'no', "
     "model_overrides: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, max_position_embeddings: 256}}",
@@ -49,12 +50,41 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     samples = results["stages"]["generate"]
     assert len(samples["pretrained"]) == 2 and len(samples["finetuned"]) == 1
 
+    # The compressors' yardstick, on the same held-out documents the model was scored on.
+    from data_prep.documents import read_documents
+    from evaluation.baselines import compressor_bits_per_byte
+
+    expected = compressor_bits_per_byte(read_documents(out / "data" / "documents" / "validation"), max_documents=2)
+    assert headline["held_out_bpb_compressors"] == {name: r["bits_per_byte"] for name, r in expected.items()}
+    assert list(expected) == ["gzip -9", "zstd -19", "xz -9e", "bzip2 -9"]
+    assert results["stages"]["perplexity"]["compressors"]["xz -9e"]["bytes"] == sum(
+        len(text.encode()) for text in list(read_documents(out / "data" / "documents" / "validation"))[:2])
+
     report = (out / "report.md").read_text()
     assert f"{headline['held_out_bpb_pretrained']:.3f}" in report
+    assert f"| xz -9e (each document compressed on its own) | {expected['xz -9e']['bits_per_byte']:.3f} |" in report
     assert f"{headline['lora_response_loss_after']:.3f}" in report
+    finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
+    assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained
+    assert f"| examples trained on (pairs with a response token left within max_length) | " \
+           f"{headline['lora_examples_trained']:,} |" in report
+    assert "![LoRA training loss](lora_loss.png)" in report and (out / "lora_loss.png").stat().st_size > 1000
+    assert "| pretrain | learning_rate |" in report and "| finetune | lora_r |" in report
     for plot in (out / "pretrain" / "run_report").glob("*.png"):
         assert f"pretrain/run_report/{plot.name}" in report
-    assert "[7/7] report" in first.stdout
+    # Written to a file, the output still shows the plan, progress in every stage and each stage's numbers.
+    lines = first.stdout.splitlines()
+    assert lines[lines.index(next(line for line in lines if line.startswith("Plan (")))+1].startswith(
+        "  data preparation")
+    for number, title in enumerate(["data preparation", "pretraining", "held-out perplexity", "instruction set",
+                                    "LoRA finetuning", "generation", "report"], start=1):
+        assert f"=== [{number}/7] {title} ===" in lines
+    assert "[data_prep] filter 1/1 shards" in first.stdout and "[data_prep] tokenizer done" in first.stdout
+    assert any(line.startswith("step 2/12 | loss ") for line in lines)  # pretraining logs, as numbers
+    assert any(line.startswith("step 1/3 | loss ") for line in lines)  # LoRA logs
+    bpb = f"{headline['held_out_bpb_untrained']:.3f} (untrained) -> {headline['held_out_bpb_pretrained']:.3f}"
+    assert sum(bpb in line for line in lines) == 2  # after the stage and in the closing summary
+    assert "Summary" in lines and "'loss'" not in first.stdout
 
     again = quickstart(out)
     assert again.stdout.count("done in an earlier run") == len(stages)
@@ -81,5 +111,12 @@ def test_quickstart_config_mistake_is_one_line(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert recipe_error(result.stderr) == ("error: eval_windw: unknown key (see the recipe's dataclasses and "
-                                           "transformers.TrainingArguments)")
+    assert recipe_error(result.stderr) == ("error: eval_windw: unknown key (did you mean 'eval_window'? --help lists "
+                                           "every key)")
+
+
+def test_report_fences_any_prompt():
+    from training.quickstart_report import _fenced
+
+    assert _fenced("is `x` even?") == ["```", "is `x` even?", "```"]
+    assert _fenced("a ```python block```") == ["````", "a ```python block```", "````"]

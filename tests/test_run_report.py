@@ -8,20 +8,14 @@ import pytest
 from huggingface_hub import ModelCard
 from matplotlib.image import imread
 
+from evaluation.perplexity import perplexity
 from modeling import sizing
-from modeling.run_report import (
-    FIGURE_DPI,
-    FIGURE_SIZE_INCHES,
-    PLOTS,
-    perplexity,
-    run_statistics,
-    write_model_card,
-    write_run_report,
-)
 from tests.conftest import tiny_config
+from training.model_card import write_model_card
+from training.run_report import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, run_statistics, write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = {plot.file for plot in PLOTS}
+ALL_PLOTS = {plot.file for plot in PLOTS if not plot.optional}  # optional ones: only for runs that log them
 WALL_SECONDS, ESTIMATED_SECONDS = 321.5, 300.0
 ESTIMATED_MEMORY_GB = 1.2
 
@@ -40,17 +34,20 @@ def make_log_history(with_mfu: bool = True, with_eval: bool = True, steps: int =
             entry["mfu"] = 0.30 + step / 2000
         history.append(entry)
         if with_eval and step % 100 == 0:
-            history.append({"eval_loss": 3.3 + 8.0 * math.exp(-step / 60), "eval_runtime": 1.5,
-                            "eval_samples_per_second": 40.0, "epoch": step / steps, "step": step})
+            eval_loss = 3.3 + 8.0 * math.exp(-step / 60)
+            history.append({"eval_loss": eval_loss, "eval_bits_per_byte": eval_loss / math.log(2) / 4.0,
+                            "eval_runtime": 1.5, "eval_samples_per_second": 40.0, "epoch": step / steps, "step": step})
     history.append({"train_runtime": WALL_SECONDS, "train_samples_per_second": 5.0, "train_steps_per_second": 0.62,
                     "total_flos": 1e12, "train_loss": 4.4321, "epoch": 1.0, "step": steps})
     if with_eval:  # the recipe's trainer.evaluate() after train()
-        history.append({"eval_loss": 3.2468, "eval_runtime": 1.5, "epoch": 1.0, "step": steps})
+        history.append({"eval_loss": 3.2468, "eval_bits_per_byte": 3.2468 / math.log(2) / 4.0, "eval_runtime": 1.5,
+                        "epoch": 1.0, "step": steps})
     return history
 
 
 SUMMARY = {"config": {"preset": "nano", "learning_rate": 2e-3, "schedule": "cosine", "model_overrides": {"a": 1}},
-           "tokens_per_step": 4096, "estimated_seconds": ESTIMATED_SECONDS, "estimated_memory_gb": ESTIMATED_MEMORY_GB}
+           "tokens_per_step": 4096, "estimated_seconds": ESTIMATED_SECONDS, "estimated_memory_gb": ESTIMATED_MEMORY_GB,
+           "device": "cuda"}
 
 
 def assert_real_png(path):
@@ -89,7 +86,7 @@ def test_report_has_every_plot_and_the_numbers(tmp_path):
         "| Tokens seen | 819,200 (from tokens_per_step x steps) |",
         f"| Throughput, median (tokens/s) | {medians['tokens_per_s']:,.0f} |",
         f"| MFU, median | {medians['mfu']:.1%} |",
-        "| Peak memory per process (GiB) | 1.70 |",
+        "| Peak memory per process (GiB; host RSS on CPU) | 1.70 |",
         "| Skipped steps (non-finite gradients) | 2 |",
         f"| {WALL_SECONDS / ESTIMATED_SECONDS:.2f} |",
         f"| {1.7 / ESTIMATED_MEMORY_GB:.2f} |",
@@ -101,6 +98,14 @@ def test_report_has_every_plot_and_the_numbers(tmp_path):
     assert "not plotted" not in text and "Not recorded" not in text
 
 
+def test_on_the_cpu_host_memory_is_not_set_against_the_gpu_estimate(tmp_path):
+    text = write_run_report(tmp_path, make_log_history(), {**SUMMARY, "device": "cpu"}).read_text()
+    assert f"| {1.7 / ESTIMATED_MEMORY_GB:.2f} |" not in text  # no ratio of host RSS to a GPU estimate
+    assert "| Peak memory per device (GiB) |" not in text
+    assert f"the estimate ({ESTIMATED_MEMORY_GB:.2f} GiB per GPU) is for GPU training" in text
+    assert f"| {WALL_SECONDS / ESTIMATED_SECONDS:.2f} |" in text  # the time estimate still applies
+
+
 def test_missing_mfu_and_eval_are_left_out_with_a_note(tmp_path):
     write_run_report(tmp_path, make_log_history(), SUMMARY)  # an earlier run into the same folder
     text = write_run_report(tmp_path, make_log_history(with_mfu=False, with_eval=False),
@@ -108,8 +113,9 @@ def test_missing_mfu_and_eval_are_left_out_with_a_note(tmp_path):
 
     report_dir = tmp_path / "run_report"
     assert not (report_dir / "mfu.png").exists()  # the earlier run's plot is gone, not shown as this run's
-    assert "mfu.png" not in text
-    for file in sorted(ALL_PLOTS - {"mfu.png"}):
+    assert "mfu.png" not in text and not (report_dir / "bits_per_byte.png").exists()
+    assert "Held-out bits per byte: not plotted, no finite `eval_bits_per_byte` in the logs" in text
+    for file in sorted(ALL_PLOTS - {"mfu.png", "bits_per_byte.png"}):
         assert_real_png(report_dir / file)
         assert f"]({file})" in text
     assert "Model FLOPs utilisation: not plotted, no finite `mfu` in the logs" in text
@@ -202,3 +208,27 @@ def test_model_card_from_a_config_dict_without_evaluation(tmp_path, no_network):
     assert "(multi-query)" in card.text
     assert f"({sizing.count_parameters(config):,})" in card.text
     assert "run_report" not in card.text
+
+
+def test_batch_ramp_z_loss_and_rollbacks_get_their_plots_and_section(tmp_path):
+    history = make_log_history(with_eval=False)
+    for entry in history:
+        if "loss" in entry and "step" in entry:
+            entry["batch_tokens"] = min(4096, 512 * (1 + entry["step"] // 20))
+            entry["z_loss"] = 30.0 - entry["step"] / 20
+    rollback = {"rollback": 1, "spike_step": 120, "loss": 9.5, "window_mean": 4.1, "zscore": 31.0,
+                "resumed_from_step": 100, "skipped_blocks": [[800, 840], [900, 901]]}
+    text = write_run_report(tmp_path, history, {**SUMMARY, "rollbacks": [rollback]}).read_text()
+    for file in ("batch_size.png", "z_loss.png", "loss.png"):
+        assert_real_png(tmp_path / "run_report" / file)
+        assert f"]({file})" in text
+    assert "## Loss spikes" in text and "| 1 | 120 | 9.5000 | 4.1000 | 31.0 | 100 | 800-839, 900-900 |" in text
+    # The rollback is a dashed red line on the loss plot: a column of red pixels a plot without it lacks.
+    red = np.array([0xD6, 0x27, 0x28]) / 255
+    marked = imread(tmp_path / "run_report" / "loss.png")[..., :3]
+    write_run_report(tmp_path / "plain", make_log_history(with_eval=False), SUMMARY)
+    plain = imread(tmp_path / "plain" / "run_report" / "loss.png")[..., :3]
+    assert (np.abs(marked - red).max(axis=-1) < 0.05).sum() > 50
+    assert (np.abs(plain - red).max(axis=-1) < 0.05).sum() == 0
+    assert not (tmp_path / "plain" / "run_report" / "batch_size.png").exists()
+    assert "batch_tokens" not in (tmp_path / "plain" / "run_report" / "report.md").read_text()  # no note either

@@ -19,16 +19,15 @@ from data_prep.config import PackConfig, TokenizerConfig
 from data_prep.packing import pack_documents
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import train_tokenizer
-from modeling.training import (
+from training.callbacks import (
     NonFiniteGuardCallback,
-    PretrainingTrainer,
     ThroughputCallback,
-    collate_packed,
-    decay_parameter_groups,
     device_peak_flops,
-    lr_scheduler_kwargs,
+    format_log,
     peak_memory_gb,
 )
+from training.optim import decay_parameter_names, lr_scheduler_kwargs
+from training.trainer import PretrainingTrainer, collate_packed
 
 VOCAB = 320
 SEQ_LEN = 32
@@ -62,16 +61,24 @@ DECAYED_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.w
                     "experts.gate_up_proj", "experts.down_proj")
 
 
+def trainer_param_groups(model, tmp_path: Path, weight_decay: float = 0.1) -> list[dict]:
+    """The parameter groups of the AdamW that `PretrainingTrainer` builds for `model`."""
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=weight_decay, use_cpu=True, report_to=[])
+    return PretrainingTrainer(model=model, args=args).create_optimizer().param_groups
+
+
 @pytest.mark.parametrize("overrides", [
     dict(),  # untied, RMSNorm, RoPE
     dict(tie_word_embeddings=True, norm_type="layernorm", position_embedding_type="learned",
          attention_bias=True, mlp_bias=True, mlp_type="gelu"),
     dict(tie_word_embeddings=True, num_local_experts=4, num_experts_per_tok=2),
 ], ids=["untied-rmsnorm", "tied-layernorm-learned-biases", "moe"])
-def test_decay_groups_split_every_trainable_parameter_once(overrides):
+def test_decay_groups_split_every_trainable_parameter_once(overrides, tmp_path):
     model = small_model(**overrides)
     model.model.layers[1].input_layernorm.weight.requires_grad_(False)  # frozen: in neither group
-    decay, no_decay = decay_parameter_groups(model, weight_decay=0.1)
+    decay, no_decay = trainer_param_groups(model, tmp_path)
+    assert set(decay_parameter_names(model)) == {name for name, p in model.named_parameters()
+                                                  if any(p is q for q in decay["params"])}
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
 
     grouped = [id(p) for p in decay["params"] + no_decay["params"]]
@@ -100,10 +107,11 @@ def test_trainer_builds_adamw_with_the_decay_split_and_args_hyperparameters(tmp_
     optimizer = PretrainingTrainer(model=model, args=args).create_optimizer()
     assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["betas"] == (0.8, 0.95)
     assert optimizer.defaults["eps"] == 1e-6
-    expected = decay_parameter_groups(model, 0.1)
+    decayed = set(decay_parameter_names(model))
+    expected = [[id(p) for n, p in model.named_parameters() if p.requires_grad and (n in decayed) == wanted]
+                for wanted in (True, False)]
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
-    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == [
-        [id(p) for p in g["params"]] for g in expected]
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == expected
 
 
 @pytest.mark.parametrize("implementation", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
@@ -265,9 +273,9 @@ def train(output_dir, dataset, *, max_steps, batch_size=2, accumulation=1, train
     model.config.use_cache = False
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, logging_steps=1,
-        use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False,
-        **{"save_strategy": "no", "report_to": [], **overrides},
+        gradient_accumulation_steps=accumulation, learning_rate=1e-3, weight_decay=0.1, use_cpu=True, seed=0,
+        remove_unused_columns=False,
+        **{"logging_steps": 1, "disable_tqdm": True, "save_strategy": "no", "report_to": [], **overrides},
     )
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, data_collator=collate_packed,
                           callbacks=list(callbacks))
@@ -472,3 +480,20 @@ def test_monitoring_metrics_reach_tensorboard_and_trackio(tmp_path, dataset, mon
     steps = [entry for entry in logged if "train/loss" in entry]
     assert len(steps) == 3 and all("train/skipped_steps" in entry for entry in steps)
     assert all("train/tokens_per_s" in entry and "train/mfu" in entry for entry in steps[1:])
+
+
+def test_training_logs_print_as_lines_of_numbers(tmp_path, dataset, capsys):
+    """Written to a file (not a terminal), each log is one line of numbers, and no progress bar is drawn."""
+    trainer = train(tmp_path, dataset, max_steps=4, logging_steps=2, disable_tqdm=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert lines[0].startswith("step 2/4 | loss ") and "grad_norm " in lines[0] and "'" not in lines[0]
+    loss = float(lines[0].split("| loss ")[1].split(" |")[0])
+    assert loss == pytest.approx(training_logs(trainer)[2]["loss"], rel=1e-3)
+    assert any(line.startswith("step 4/4 | train_runtime ") for line in lines)
+    assert "it/s]" not in capsys.readouterr().err
+
+
+def test_format_log_numbers():
+    assert format_log({"loss": 7.21634, "tokens_per_s": 12345.6, "epoch": 0.5, "total_flos": 1e12}, 10, 200) == (
+        "step 10/200 | loss 7.216 | tokens_per_s 1.235e+04 | epoch 0.5")
+    assert format_log({"tokens": 20480, "note": "x"}, 3, 0) == "step 3 | tokens 20,480 | note x"

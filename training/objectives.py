@@ -29,52 +29,19 @@ same masks as an uninterrupted one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from data_prep.tokenizer import DENOISER_TOKENS, sentinel_token_ids
-from modeling.training import collate_packed
+from training.trainer import collate_packed
+
+if TYPE_CHECKING:
+    from training.arguments import ObjectiveArguments
 
 OBJECTIVES = ("clm", "prefix_lm", "mlm", "ul2")
 IGNORE = -100
-
-
-@dataclass
-class ObjectiveArguments:
-    objective: str = field(default="clm", metadata={"help": "clm | prefix_lm | mlm | ul2"})
-    mask_rate: float = field(default=0.15, metadata={"help": "mlm: fraction of tokens selected for prediction"})
-    mask_token_rate: float = field(default=0.8, metadata={"help": "mlm: of the selected, replaced by <|mask|>"})
-    random_token_rate: float = field(default=0.1, metadata={"help": "mlm: of the selected, replaced by a random "
-                                                                    "token (the rest stay unchanged)"})
-    whole_word_mask: bool = field(default=False, metadata={"help": "mlm: select whole words, not single tokens"})
-    prefix_min_fraction: float = field(default=0.25, metadata={"help": "prefix_lm: shortest prefix, as a fraction "
-                                                                         "of each document"})
-    prefix_max_fraction: float = field(default=0.75, metadata={"help": "prefix_lm: longest prefix fraction"})
-    prefix_tokens: int = field(default=0, metadata={"help": "prefix_lm: a fixed prefix of this many tokens per "
-                                                            "document instead of a fraction (0: off)"})
-
-    def check(self, seq_len: int) -> None:
-        """One-line `ValueError` naming the field for settings no block of `seq_len` tokens can serve."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("mask_rate", "mask_token_rate", "random_token_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}: must be in [0, 1], got {getattr(self, name)}")
-        if self.mask_rate == 0.0:
-            raise ValueError("mask_rate: must be > 0 (nothing would be scored)")
-        if self.mask_token_rate + self.random_token_rate > 1.0:
-            raise ValueError(f"random_token_rate: mask_token_rate + random_token_rate must be <= 1, got "
-                             f"{self.mask_token_rate} + {self.random_token_rate}")
-        if not 0.0 < self.prefix_min_fraction <= self.prefix_max_fraction < 1.0:
-            raise ValueError(f"prefix_min_fraction: need 0 < prefix_min_fraction <= prefix_max_fraction < 1, got "
-                             f"{self.prefix_min_fraction} and {self.prefix_max_fraction}")
-        if self.prefix_tokens < 0:
-            raise ValueError(f"prefix_tokens: must be >= 0, got {self.prefix_tokens}")
-        if self.prefix_tokens >= seq_len:
-            raise ValueError(f"prefix_tokens: {self.prefix_tokens} is not shorter than the blocks ({seq_len} tokens); "
-                             "no token would be left to score")
 
 
 def _rand(shape, generator: torch.Generator | None) -> torch.Tensor:
@@ -372,7 +339,6 @@ __all__ = [
     "UL2_MIXTURE",
     "Denoiser",
     "MaskedLMCollator",
-    "ObjectiveArguments",
     "PrefixLMCollator",
     "UL2Collator",
     "build_collator",

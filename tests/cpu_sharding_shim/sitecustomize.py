@@ -63,5 +63,27 @@ def _install() -> None:
     AcceleratorState.__init__ = init_with_cpu_sharding
 
 
+def _install_tensor_parallel() -> None:
+    """`tp`: accelerate accepts a ParallelismConfig only on accelerator-device ranks (MULTI_GPU, ...) or under
+    FSDP2 / DeepSpeed; on MULTI_CPU ranks it refuses it before looking at the model. Everything after that
+    check (the DTensor-sharded model, the device mesh, the data-parallel sharding of batches) is device-agnostic
+    and runs on gloo, so the check is skipped for MULTI_CPU, with its one real condition kept."""
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DistributedType
+
+    original = ParallelismConfig._validate_accelerator
+
+    def validate(self, accelerator):
+        if accelerator.distributed_type != DistributedType.MULTI_CPU:
+            return original(self, accelerator)
+        if self.total_size != accelerator.num_processes:
+            raise ValueError(f"ParallelismConfig total_size ({self.total_size}) does not match num_processes "
+                             f"({accelerator.num_processes})")
+
+    ParallelismConfig._validate_accelerator = validate
+
+
 if MODE in ("fsdp", "deepspeed"):
     _install()
+elif MODE == "tp":
+    _install_tensor_parallel()

@@ -1,8 +1,10 @@
 """Sliding-window perplexity and bits per byte of a causal language model.
 
-    from modeling.evaluation import evaluate_perplexity, load_model_and_tokenizer, read_texts
-    model, tokenizer = load_model_and_tokenizer("outputs/ember-125m")
-    result = evaluate_perplexity(model, tokenizer, read_texts("data/stdlib/documents/validation"), stride=512)
+    from data_prep.documents import read_documents
+    from evaluation.perplexity import evaluate_perplexity
+    from modeling.loading import load_checkpoint
+    model, tokenizer = load_checkpoint("outputs/ember-125m", device="auto")
+    result = evaluate_perplexity(model, tokenizer, read_documents("data/stdlib/documents/validation"), stride=512)
     print(result.perplexity, result.bits_per_byte); result.write_json("ppl.json")
 
 Windows. A token stream t[0..n] has n prediction targets t[1..n]; t[0] is context only. A window is
@@ -41,15 +43,28 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import count, islice
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-TEXT_SUFFIXES = (".jsonl.zst", ".jsonl", ".txt")
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from data_prep.documents import read_documents
+from data_prep.token_dataset import PackedDataset, document_position_ids, is_packed_shards
+
+# exp() overflows a float past ~709.78 nats; a mean loss that high is reported as an infinite perplexity.
+_MAX_EXP_ARGUMENT = 709.0
+
+
+def perplexity(mean_nll: float | None) -> float | None:
+    """exp(mean NLL per token, in nats): the one definition every Ember report uses.
+
+    inf where that overflows a float, nan for nan, None for no loss.
+    """
+    if mean_nll is None:
+        return None
+    return math.inf if mean_nll > _MAX_EXP_ARGUMENT else math.exp(mean_nll)
 
 
 @dataclass
@@ -77,89 +92,6 @@ class PerplexityResult:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**extra, **self.to_dict()}, indent=2) + "\n", encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading documents
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _text_of(record: Any, text_field: str, where: str) -> str:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if text_field not in record:
-        raise ValueError(f"{where}: no {text_field!r} field (keys: {sorted(record)})")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
-    return text
-
-
-def _json_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) of a .jsonl or data_prep .jsonl.zst file; blank .jsonl lines are skipped."""
-    if path.name.endswith(".zst"):
-        from data_prep.io import read_docs
-
-        records = read_docs(path)  # one record per line; it parses as it reads
-        for line_number in count(1):
-            try:
-                record = next(records)
-            except StopIteration:
-                return
-            except ValueError as err:  # JSON and UTF-8 errors both
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from None
-            yield line_number, record
-        return
-    with open(path, "rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except ValueError as err:  # JSON and UTF-8 errors both
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from None
-            yield line_number, record
-
-
-def _text_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
-    if not files:
-        raise ValueError(f"{path}: no {', '.join(TEXT_SUFFIXES)} files in this folder")
-    return files
-
-
-def read_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of a .txt file (one document), a .jsonl or .jsonl.zst file (one per line, from `text_field`),
-    or a folder of such files such as data_prep's `documents/<split>/`, in file-name order."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
-    for file in _text_files(path):
-        if file.name.endswith((".jsonl", ".jsonl.zst")):
-            for line_number, record in _json_records(file):
-                yield _text_of(record, text_field, f"{file}:{line_number}")
-        else:
-            yield file.read_text(encoding="utf-8")
-
-
-def read_hub_texts(name: str, config: str | None = None, split: str = "test", text_field: str = "text"
-                   ) -> Iterator[str]:
-    """Documents of a Hugging Face Hub dataset split, e.g. ("Salesforce/wikitext", "wikitext-2-raw-v1")."""
-    import datasets
-
-    dataset = datasets.load_dataset(name, config, split=split, streaming=True)
-    for index, record in enumerate(dataset):
-        yield _text_of(record, text_field, f"{name}[{split}] row {index}")
-
-
-def is_packed_shards(path: str | Path) -> bool:
-    """Whether `path` is a data_prep packed token shard (or a folder of them) rather than documents."""
-    path = Path(path)
-    if path.is_dir():
-        return any(p.with_suffix(".bin").is_file() for p in path.glob("*.json"))
-    return path.name.endswith((".bin", ".json", ".idx.npy"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +126,6 @@ def _position_ids(inputs: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """0, 1, 2, ...; with `eos_id`, restarting after every EOS as in the packed training data."""
     if eos_id is None:
         return torch.arange(len(inputs))
-    from data_prep.token_dataset import document_position_ids
-
     return torch.from_numpy(document_position_ids(inputs.numpy(), eos_id))
 
 
@@ -265,7 +195,7 @@ def _result(total_nll: float, num_tokens: int, num_bytes: int | None, **fields: 
     mean_nll = total_nll / num_tokens if num_tokens else float("nan")
     return PerplexityResult(
         num_tokens=num_tokens, num_bytes=num_bytes, total_nll=total_nll, mean_nll=mean_nll,
-        perplexity=math.exp(mean_nll) if num_tokens else float("nan"),
+        perplexity=perplexity(mean_nll),
         bits_per_byte=total_nll / (math.log(2) * num_bytes) if num_bytes else None, **fields)
 
 
@@ -327,8 +257,6 @@ def evaluate_packed_perplexity(model, shards, *, window: int | None = None, stri
     the UTF-8 size of the scored text: it is used when every shard's metadata records it ("text_bytes")
     and no shard has a remainder; otherwise it is reported as unavailable, with the reason in `note`.
     """
-    from data_prep.token_dataset import PackedDataset
-
     dataset = shards if isinstance(shards, PackedDataset) else PackedDataset(shards)
     window, stride = _resolve_window(model, window, stride)
 
@@ -359,7 +287,7 @@ def evaluate_packed_perplexity(model, shards, *, window: int | None = None, stri
 
 
 def evaluate_path(model, tokenizer, path: str | Path, *, text_field: str = "text", **options: Any) -> PerplexityResult:
-    """`evaluate_packed_perplexity` for packed shards, else `evaluate_perplexity` on `read_texts(path)`."""
+    """`evaluate_packed_perplexity` for packed shards, else `evaluate_perplexity` on `read_documents(path)`."""
     if not Path(path).exists():
         raise ValueError(f"{path}: no such file or folder")
     if is_packed_shards(path):
@@ -368,30 +296,4 @@ def evaluate_path(model, tokenizer, path: str | Path, *, text_field: str = "text
             raise ValueError(f"{unsupported[0]}: not supported for packed token shards ({path})")
         packed_options = {k: v for k, v in options.items() if k in ("window", "stride", "batch_size", "progress")}
         return evaluate_packed_perplexity(model, path, **packed_options)
-    return evaluate_perplexity(model, tokenizer, read_texts(path, text_field), **options)
-
-
-def load_model_and_tokenizer(path: str | Path, tokenizer_path: str | Path | None = None, *, device: str | None = None,
-                             dtype: str = "auto", trust_remote_code: bool = False):
-    """An Ember or stock (e.g. Llama) checkpoint folder via AutoModelForCausalLM/AutoTokenizer, in eval mode.
-
-    device defaults to CUDA when available. Problems are one-line ValueErrors naming the folder.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else path
-    if not (path / "config.json").is_file():
-        raise ValueError(f"{path}: not a model checkpoint folder (no config.json)")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    if not tokenizer_path.is_dir():
-        raise ValueError(f"{tokenizer_path}: tokenizer folder not found")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path}: cannot load the checkpoint ({reason})") from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return evaluate_perplexity(model, tokenizer, read_documents(path, text_field), **options)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .run_report import _duration, _number, _table, available_cores, cpu_model_name
-
-STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
-                "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation"}
+from training.markdown import fmt_duration, fmt_number, md_table
+from training.run_report import available_cores, cpu_model_name, draw_lines
+from training.stages import STAGE_TITLES
 
 
 def _machine() -> str:
@@ -50,8 +50,11 @@ def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
         "held_out_bpb_pretrained": held_out.get("pretrained", {}).get("bits_per_byte"),
         "held_out_perplexity_pretrained": held_out.get("pretrained", {}).get("perplexity"),
         "held_out_tokens_scored": held_out.get("pretrained", {}).get("num_tokens"),
+        "held_out_bpb_compressors": {name: r["bits_per_byte"] for name, r in held_out.get("compressors", {}).items()},
         "instruction_examples_train": instructions.get("train"),
         "instruction_examples_validation": instructions.get("validation"),
+        "lora_examples_trained": finetune.get("data", {}).get("train", {}).get("examples"),
+        "lora_examples_evaluated": finetune.get("data", {}).get("validation", {}).get("examples"),
         "lora_trainable_parameters": finetune.get("parameters", {}).get("trainable"),
         "lora_response_loss_before": finetune.get("eval_before", {}).get("loss"),
         "lora_response_loss_after": finetune.get("eval_after", {}).get("loss"),
@@ -59,32 +62,66 @@ def headline_numbers(results: dict[str, dict]) -> dict[str, Any]:
 
 
 def _rows(numbers: dict[str, Any], keys: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
-    return [(label, "-" if numbers.get(key) is None else _number(numbers.get(key), spec)) for key, label, spec in keys]
+    return [(label, "-" if numbers.get(key) is None else fmt_number(numbers.get(key), spec))
+            for key, label, spec in keys]
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` as a fenced code block whose fence is longer than any backtick run in it: valid for any text."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence, text, fence]
+
+
+def _lora_curve(output_dir: Path, finetune_dir: Path) -> Path | None:
+    """A plot of the LoRA run's training loss, from the `trainer_state.json` it leaves; None without one."""
+    state_file = finetune_dir / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    logs = [entry for entry in json.loads(state_file.read_text()).get("log_history", []) if "loss" in entry]
+    if not logs:
+        return None
+    path = output_dir / "lora_loss.png"
+    draw_lines(path, "LoRA finetuning loss (response tokens)", "cross-entropy (nats/token)",
+               [("train", [entry["step"] for entry in logs], [entry["loss"] for entry in logs])])
+    return path
+
+
+def _hyperparameters(results: dict[str, dict]) -> list[str]:
+    """The settings of the pretraining and finetuning runs, as recorded in their outputs."""
+    rows = []
+    for stage, source in (("pretrain", results.get("pretrain", {}).get("config", {})),
+                          ("finetune", results.get("finetune", {}).get("metrics", {}).get("config", {}))):
+        rows += [(stage, key, value) for key, value in source.items()]
+    if not rows:
+        return ["Not recorded."]
+    return md_table(("stage", "key", "value"), rows)
 
 
 def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *, pretrain_dir: str | Path,
-                            wall_seconds: float) -> Path:
+                            wall_seconds: float, probe_step_seconds: float | None = None) -> Path:
     """Write report.md and results.json under `output_dir`; returns the report's path."""
     output_dir, pretrain_dir = Path(output_dir), Path(pretrain_dir)
+    finetune_dir = Path(results.get("finetune", {}).get("output_dir", output_dir / "finetune"))
     numbers = headline_numbers(results)
     stage_seconds = {name: results[name].get("seconds") for name in STAGE_TITLES if name in results}
     lines = ["# Ember quickstart report", "",
              f"Machine: {_machine()}. Stage times below are those of the run that produced each stage "
-             f"(a re-run skips finished stages); this invocation took {_duration(wall_seconds)}.", ""]
-    lines += _table(("stage", "time"), [(STAGE_TITLES[name], _duration(seconds) if seconds is not None else "-")
+             f"(a re-run skips finished stages); this invocation took {fmt_duration(wall_seconds)}.", ""]
+    lines += md_table(("stage", "time"), [(STAGE_TITLES[name], fmt_duration(seconds) if seconds is not None else "-")
                                         for name, seconds in stage_seconds.items()])
     total = sum(s for s in stage_seconds.values() if s is not None)
-    lines += [f"| **all stages** | **{_duration(total)}** |", ""]
+    lines += [f"| **all stages** | **{fmt_duration(total)}** |", ""]
 
     lines += ["## Data", ""]
-    lines += _table(("", "value"), _rows(numbers, [
+    lines += md_table(("", "value"), _rows(numbers, [
         ("documents_read", "documents read (the interpreter's standard library)", ",d"),
         ("documents_kept", "after cleaning, filters and dedup", ",d"),
         ("validation_documents", "held out for validation", ",d"),
         ("train_tokens", "training tokens", ",d"),
         ("tokenizer_bytes_per_token", "tokenizer: bytes per token on held-out text", ".2f")]))
     lines += ["", "## Pretraining", ""]
-    lines += _table(("", "value"), _rows(numbers, [
+    lines += md_table(("", "value"), _rows(numbers, [
         ("pretrain_steps", "optimizer steps", ",d"), ("pretrain_first_loss", "first logged training loss", ".3f"),
         ("pretrain_last_loss", "last logged training loss", ".3f"),
         ("pretrain_seconds", "training time (s)", ".0f")]))
@@ -98,25 +135,35 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
               "Bits per byte = summed next-token loss / (ln 2 x UTF-8 bytes of the text): independent of the "
               "tokenizer, so it compares with any other model on the same text.", ""]
     held_out = results.get("perplexity", {})
-    lines += _table(("model", "bits/byte", "perplexity", "tokens scored", "documents"), [
-        (name, _number(r.get("bits_per_byte"), ".3f"), _number(r.get("perplexity"), ",.1f"),
-         _number(r.get("num_tokens"), ",d"), _number(r.get("num_documents"), ",d"))
+    lines += md_table(("model", "bits/byte", "perplexity", "tokens scored", "documents"), [
+        (name, fmt_number(r.get("bits_per_byte"), ".3f"), fmt_number(r.get("perplexity"), ",.1f"),
+         fmt_number(r.get("num_tokens"), ",d"), fmt_number(r.get("num_documents"), ",d"))
         for name, r in (("untrained (same architecture)", held_out.get("untrained", {})),
-                        ("pretrained", held_out.get("pretrained", {})))])
+                        ("pretrained", held_out.get("pretrained", {})))] + [
+        (f"{name} (each document compressed on its own)", fmt_number(r["bits_per_byte"], ".3f"), "-", "-",
+         fmt_number(r["documents"], ",d")) for name, r in held_out.get("compressors", {}).items()])
     lines += ["", "## LoRA finetuning (docstring -> function)", ""]
-    lines += _table(("", "value"), _rows(numbers, [
-        ("instruction_examples_train", "training examples", ",d"),
-        ("instruction_examples_validation", "validation examples", ",d"),
+    lines += md_table(("", "value"), _rows(numbers, [
+        ("instruction_examples_train", "pairs built for training", ",d"),
+        ("lora_examples_trained", "examples trained on (pairs with a response token left within max_length)", ",d"),
+        ("instruction_examples_validation", "pairs built for validation", ",d"),
+        ("lora_examples_evaluated", "validation examples scored", ",d"),
         ("lora_trainable_parameters", "trainable (adapter) parameters", ",d"),
         ("lora_response_loss_before", "validation response loss before", ".3f"),
         ("lora_response_loss_after", "validation response loss after", ".3f")]))
+    curve = _lora_curve(output_dir, finetune_dir)
+    if curve:
+        lines += ["", f"![LoRA training loss]({curve.relative_to(output_dir)})"]
+    lines += ["", "## Hyperparameters", ""]
+    lines += _hyperparameters(results)
     lines += ["", "## Samples", ""]
     for group, title in (("pretrained", "Pretrained model, completion"), ("finetuned", "Finetuned model, chat")):
         for item in results.get("generate", {}).get(group, []):
-            lines += [f"**{title}** - prompt `{item['prompt']}`:", "", "```", item["prompt"] if not item["chat"]
-                      else "", item["text"], "```", ""]
+            lines += [f"**{title}**, prompt:", "", *_fenced(item["prompt"]), "", "output:", "",
+                      *_fenced(item["text"]), ""]
     report = output_dir / "report.md"
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (output_dir / "results.json").write_text(json.dumps({"headline": numbers, "stage_seconds": stage_seconds,
-                                                         "stages": results}, indent=2) + "\n", encoding="utf-8")
+    (output_dir / "results.json").write_text(json.dumps({
+        "headline": numbers, "stage_seconds": stage_seconds, "probe_step_seconds": probe_step_seconds,
+        "stages": results}, indent=2) + "\n", encoding="utf-8")
     return report

@@ -27,12 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch.nn import functional as F
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-import modeling  # noqa: F401  (registers Ember with the Auto classes)
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
+from evaluation.perplexity import perplexity
+from modeling.loading import adapter_base, load_model
+from modeling.tokenizer_config import make_portable
+from training.callbacks import use_log_lines
+from training.muon import OptimizerChoiceMixin
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -199,28 +203,6 @@ class InstructionCollator:
 # Models: base (full precision or 4-bit), LoRA, merge
 # ---------------------------------------------------------------------------------------------
 
-def quantization_config(compute_dtype: torch.dtype | None = None) -> BitsAndBytesConfig:
-    """QLoRA's 4-bit storage: NF4 with double-quantized scales; matmuls in bf16 on GPU, fp32 on CPU."""
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
-
-
-def load_base_model(path: str | Path, load_in_4bit: bool = False, dtype: str | torch.dtype = "auto",
-                    attn_implementation: str = "sdpa", device_map: Any = None) -> PreTrainedModel:
-    """A checkpoint folder as a causal LM: in its own dtype (or `dtype`), or 4-bit for QLoRA."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if load_in_4bit:
-        bnb_config = quantization_config()
-        kwargs.update(quantization_config=bnb_config, dtype=bnb_config.bnb_4bit_compute_dtype)
-        if device_map is None and torch.cuda.is_available():
-            device_map = {"": torch.cuda.current_device()}  # bitsandbytes quantizes as weights reach the GPU
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-
-
 def linear_layer_names(model: torch.nn.Module) -> set[str]:
     """The last name component of every Linear layer (4-bit ones included): what `target_modules` matches."""
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
@@ -263,6 +245,26 @@ def add_lora(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
+class FinetuningTrainer(OptimizerChoiceMixin, Trainer):
+    """The HF Trainer, with `optimizer_options.optimizer: muon` building Muon + AdamW (training/muon.py)."""
+
+    def __init__(self, *args, optimizer_options=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer_options = optimizer_options
+
+
+def finetuning_trainer(model: PeftModel, args: TrainingArguments, train_dataset: InstructionDataset,
+                       collator: InstructionCollator, tokenizer: PreTrainedTokenizerBase,
+                       optimizer_options=None) -> Trainer:
+    """The HF Trainer over the adapter model and the instruction data (loss on response tokens only);
+    `optimizer_options` (an `OptimizerArguments`) chooses AdamW or Muon."""
+    args.label_names = ["labels"]  # PeftModel.forward takes **kwargs, so the Trainer cannot infer them
+    trainer = FinetuningTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                                processing_class=tokenizer, optimizer_options=optimizer_options)
+    use_log_lines(trainer)
+    return trainer
+
+
 def parameter_counts(model: PeftModel) -> dict[str, Any]:
     """Trainable (adapter) and total parameters; 4-bit weights counted as the values they hold."""
     trainable, total = model.get_nb_trainable_parameters()
@@ -278,8 +280,8 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     same way: into the unquantized weights, so the merged model is not a 4-bit round trip. With a
     tokenizer that has `<|im_end|>`, generation stops at the end of an assistant turn as well as at EOS.
     """
-    base_path = base_model or PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    base = load_base_model(base_path, dtype=dtype)
+    base_path = base_model or adapter_base(adapter_dir)
+    base = load_model(base_path, dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     if tokenizer is not None and IM_END in tokenizer.get_vocab() and merged.generation_config is not None:
         stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
@@ -287,6 +289,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     merged.save_pretrained(str(output_dir))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
+        make_portable(output_dir)
     return merged
 
 
@@ -317,4 +320,4 @@ def response_loss(model: torch.nn.Module, dataset: InstructionDataset, collator:
     finally:
         model.train(was_training)
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": count}

@@ -1,0 +1,57 @@
+"""Average the weights of several checkpoints into one loadable model folder.
+
+    python -m training.average outputs/run/checkpoint-800 outputs/run/checkpoint-900 outputs/run/checkpoint-1000 \\
+        --output=outputs/run/averaged
+
+Each checkpoint is a model folder (a `checkpoint-N` of a run, or any saved Ember or stock model) with the same
+parameters; the output holds their element-wise mean (`training.averaging.average_checkpoints`), the config
+and model code, and the first checkpoint's tokenizer and generation config. Tied weights stay tied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cli import ConfigError, parse_args, report_error
+from modeling.loading import checkpoint_tokenizer
+from training.averaging import average_checkpoints
+
+
+@dataclass
+class AverageArguments:
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "the checkpoint folders to average (positional arguments)"})
+    output: str = field(default="", metadata={"help": "the folder to write the averaged model to"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        (args,) = parse_args((AverageArguments,), sys.argv[1:] if argv is None else argv,
+                             prog="python -m training.average", description=__doc__.split("\n\n")[0],
+                             positionals=("checkpoints",), path_keys=("checkpoints", "checkpoints.*", "output"))
+        if len(args.checkpoints) < 2:
+            raise ConfigError("checkpoints: give two or more checkpoint folders to average")
+        if not args.output:
+            raise ConfigError("output: required (the folder to write the averaged model to)")
+        for path in args.checkpoints:
+            if not Path(path).is_dir():
+                raise ConfigError(f"checkpoints: {path}: no such folder")
+        model = average_checkpoints(args.checkpoints)
+        model.save_pretrained(args.output)
+        with contextlib.suppress(ValueError):  # a model without a tokenizer of its own has none to copy
+            checkpoint_tokenizer(args.checkpoints[0]).save_pretrained(args.output)
+    except (ConfigError, ValueError, OSError) as err:
+        return report_error(err)
+    print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())
