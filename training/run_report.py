@@ -193,7 +193,7 @@ def draw_lines(path: Path, title: str, ylabel: str, lines: list[tuple[str, list[
         axes.plot([step * scale for step in steps], values, label=label, linewidth=1.4,
                   marker="o" if few else None, markersize=3)
     for step, label in markers:  # e.g. a loss spike the run rolled back from
-        axes.axvline(step * scale, color="tab:red", linestyle="--", linewidth=1.0)
+        axes.axvline(step * scale, color="tab:red", linestyle="--", linewidth=1.5)
         axes.annotate(label, (step * scale, 1.0), xycoords=("data", "axes fraction"), rotation=90, va="top",
                       ha="right", fontsize=7, color="tab:red")
     axes.set_title(title)
