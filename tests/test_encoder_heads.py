@@ -19,6 +19,7 @@ from modeling import (
     EmberForTokenClassification,
     EmberModel,
 )
+from modeling.loading import load_model
 
 ENCODERS = {
     "rope": {},
@@ -257,6 +258,29 @@ def test_a_masked_lm_checkpoint_initialises_the_classifiers_trunk(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, mlm(input_ids=ids).logits, rtol=0, atol=0)
     assert type(AutoModel.from_pretrained(tmp_path / "mlm")) is EmberModel
+
+
+def test_the_loader_puts_a_masked_lm_trunk_under_a_classifier_head(tmp_path):
+    """modeling.loading, as the classifier recipe uses it: every trunk weight read from the checkpoint, only the
+    scoring layer new; `weights=False` builds the same architecture freshly initialised."""
+    mlm = encoder(seed=3, pad_token_id=0)
+    mlm.save_pretrained(tmp_path / "mlm")
+    labels = {"id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+    for head, model_class in (("sequence_classification", EmberForSequenceClassification),
+                              ("token_classification", EmberForTokenClassification)):
+        classifier = load_model(tmp_path / "mlm", head=head, num_labels=3, **labels)
+        assert type(classifier) is model_class and classifier.config.id2label[2] == "c"
+        assert not classifier.config.is_causal and classifier.score.out_features == 3
+        for name, param in mlm.model.state_dict().items():
+            assert torch.equal(classifier.model.state_dict()[name], param), name
+        torch.manual_seed(5)
+        fresh = load_model(tmp_path / "mlm", head=head, weights=False, num_labels=3, **labels)
+        assert type(fresh) is model_class and not fresh.config.is_causal
+        assert not torch.equal(fresh.model.embed_tokens.weight, mlm.model.embed_tokens.weight)
+        assert {n: p.shape for n, p in fresh.named_parameters()} == {n: p.shape for n, p in
+                                                                      classifier.named_parameters()}
+    with pytest.raises(ValueError, match="^head: expected one of"):
+        load_model(tmp_path / "mlm", head="regression")
 
 
 REMOTE_HEADS = textwrap.dedent(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from test_data_tokenizer import stdlib_texts
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from data_prep.config import TokenizerConfig
 from data_prep.packing import concat_with_eos
@@ -34,6 +34,7 @@ from training.objectives import (
     document_index,
     word_start_table,
 )
+from training.trainer import PretrainingTrainer
 
 SEQ_LEN = 64
 
@@ -239,7 +240,7 @@ def test_ul2_needs_the_tokenizers_sentinels(tokenizer, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loss normalisation under gradient accumulation, through the Trainer
+# Loss normalisation under gradient accumulation, through the pretraining Trainer (with its z-loss)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -249,17 +250,23 @@ def one_step(model, collator, examples, batch_size: int, accumulation: int, tmp_
                              optim="sgd", lr_scheduler_type="constant", report_to="none", use_cpu=True,
                              remove_unused_columns=False, save_strategy="no", seed=0, data_seed=0,
                              max_grad_norm=0.0, dataloader_num_workers=0)
-    Trainer(model=model, args=args, train_dataset=examples, data_collator=collator).train()
+    PretrainingTrainer(model=model, args=args, train_dataset=examples, data_collator=collator, z_loss=1e-2).train()
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
-@pytest.mark.parametrize("objective", ["prefix_lm", "mlm"])
+@pytest.mark.parametrize("objective", ["prefix_lm", "mlm", "ul2"])
 def test_accumulated_steps_equal_one_big_batch(objective, tokenizer, blocks, tmp_path):
+    """Two micro-batches of 2 rows make the same update as one batch of 4: the loss and the z-loss are each
+    normalised by the scored tokens of the whole accumulated batch, however unevenly the rows hold them."""
     config = tiny_config(vocab_size=len(tokenizer), is_causal=objective != "mlm", pad_token_id=1)
     model_class = EmberForMaskedLM if objective == "mlm" else EmberForCausalLM
-    if objective == "mlm":  # the same masks for both runs: mask once, then collate the fixed examples
-        masked = MaskedLMCollator(tokenizer, mask_rate=0.3, generator=generator())(blocks[:4])
-        examples = [{key: value[i] for key, value in masked.items()} for i in range(4)]
+    if objective in ("mlm", "ul2"):  # the same draws for both runs: corrupt once, then collate the fixed examples
+        corrupt = (MaskedLMCollator(tokenizer, mask_rate=0.3, generator=generator()) if objective == "mlm"
+                   else UL2Collator(tokenizer, SEQ_LEN, generator=generator()))
+        fixed = corrupt(blocks[:4])
+        examples = [{key: value[i] for key, value in fixed.items()} for i in range(4)]
+        scored = [int((example.get("shift_labels", example["labels"]) != -100).sum()) for example in examples]
+        assert len(set(scored)) > 1  # rows score different numbers of tokens
         collator = lambda rows: {key: torch.stack([r[key] for r in rows]) for key in rows[0]}  # noqa: E731
     else:  # a fixed prefix draws nothing at random
         examples, collator = blocks[:4], PrefixLMCollator(tokenizer, prefix_tokens=7)
@@ -270,6 +277,21 @@ def test_accumulated_steps_equal_one_big_batch(objective, tokenizer, blocks, tmp
         weights.append(one_step(model, collator, examples, batch_size, accumulation, tmp_path / f"{batch_size}"))
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_z_loss_of_a_masked_lm_counts_the_masked_positions_only(tokenizer, blocks, tmp_path):
+    torch.manual_seed(0)
+    model = EmberForMaskedLM(tiny_config(vocab_size=len(tokenizer), is_causal=False)).train()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False)
+    trainer = PretrainingTrainer(model=model, args=args, z_loss=1e-2)
+    inputs = MaskedLMCollator(tokenizer, mask_rate=0.3, generator=generator())(blocks[:2])
+    loss = trainer.compute_loss(model, inputs)
+    with torch.no_grad():
+        logits = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits
+    keep = inputs["labels"] != -100
+    ce = torch.nn.functional.cross_entropy(logits[keep], inputs["labels"][keep])
+    z = torch.logsumexp(logits[keep], dim=-1).square().mean()
+    torch.testing.assert_close(loss.detach(), ce + 1e-2 * z, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
