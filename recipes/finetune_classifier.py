@@ -89,7 +89,8 @@ def build_classifier(args: ClassifierArguments, tokenizer, labels: list[str]):
                        else "sequence_classification", weights=not args.from_scratch,
                        attn_implementation=args.attn_implementation, num_labels=len(labels),
                        id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-                       pad_token_id=tokenizer.pad_token_id)
+                       pad_token_id=tokenizer.pad_token_id,
+                       **({"classifier_pooling": args.classifier_pooling} if args.classifier_pooling else {}))
     if not isinstance(model.config, EmberConfig):
         raise ConfigError(f"model_name_or_path: {args.model_name_or_path} holds a {model.config.model_type!r} "
                           "model, not an Ember one")

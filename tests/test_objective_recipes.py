@@ -138,6 +138,7 @@ def test_sequence_classifier_finetunes_and_reports_the_baseline(encoder_dir, tas
     assert results["train"]["train_loss"] > 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["id2label"] == {"0": "asyncio", "1": "email"} and saved["pad_token_id"] == 1
+    assert saved["classifier_pooling"] == "mean"  # an encoder's default: its EOS summarises nothing
 
 
 def test_token_classifier_with_lora_saves_a_merged_model_that_reproduces_its_score(encoder_dir, tasks, tmp_path):
@@ -173,6 +174,7 @@ def test_classifier_errors_are_one_line(encoder_dir, tasks, tmp_path, capsys):
     cases = [
         ([f"--validation_file={bad}"], f"error: {bad}:2: label: 'json' is not one of the labels ['asyncio', 'email']"),
         ([f"--validation_file={bad}", "--task=regression"], "error: task: expected sequence or token"),
+        ([f"--validation_file={bad}", "--classifier_pooling=max"], "error: classifier_pooling: expected last or mean"),
         ([f"--validation_file={bad}", f"--model_name_or_path={tmp_path}"], "error: model_name_or_path: not a "),
         ([f"--validation_file={tasks / 'package' / 'validation.jsonl'}", "--max_length=4096"],
          "error: max_length: 4096 exceeds"),

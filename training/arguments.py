@@ -252,6 +252,9 @@ class ClassifierArguments:
     tokens_field: str = "tokens"
     tags_field: str = "tags"
     max_length: int = field(default=256, metadata={"help": "tokens per example; longer ones are cut"})
+    classifier_pooling: str = field(default="", metadata={
+        "help": "task sequence: last (token) or mean (over the text); empty: the checkpoint's own setting, else "
+                "last for a decoder, mean for an encoder"})
     lora: bool = field(default=False, metadata={"help": "LoRA on the trunk's projections; the head trains fully"})
     lora_r: int = 8
     lora_alpha: int = 16
@@ -263,6 +266,8 @@ class ClassifierArguments:
             raise ValueError(f"task: expected sequence or token, got {self.task!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length: must be >= 2, got {self.max_length}")
+        if self.classifier_pooling not in ("", "last", "mean"):
+            raise ValueError(f"classifier_pooling: expected last or mean, got {self.classifier_pooling!r}")
 
 
 CLASSIFIER_PATH_KEYS = ("model_name_or_path", "tokenizer_path", "train_file", "validation_file", "output_dir",
