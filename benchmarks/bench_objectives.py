@@ -169,6 +169,7 @@ def diagnose(force: bool, log: dict) -> dict:
         result = json.loads((output / "classifier_results.json").read_text())
         mean_pooled[kind] = {key: result["validation"][key] for key in ("accuracy", "macro_f1")}
     return {"unigram_cross_entropy": unigram, "hidden_size": model.config.hidden_size, "effective_rank": ranks,
+            "tie_word_embeddings": model.config.tie_word_embeddings,
             "package_mean_pooling": mean_pooled}
 
 
@@ -234,6 +235,8 @@ def diagnosis_markdown(report: dict) -> list[str]:
         "| --- | --- | --- | --- |",
         *(f"| {name} | {' / '.join(str(r) for r in ranks[name]['layers'])} | {ranks[name]['mean_pooled']} | "
           f"{ranks[name]['last_pooled']} |" for name in ("untrained", "trained")), "",
+        *(["  Already the token embeddings have collapsed: the nano preset ties the masked-LM head to them, so "
+           "learning token frequencies shapes the input embeddings as well.", ""] if d["tie_word_embeddings"] else []),
         "  A finetuning of 120-150 steps at these learning rates has to reopen those directions first; the random "
         "trunk starts from well-spread features, and both are trained end to end, so the random trunk wins.",
         "- Pooling adds to it for `package`: the table above used the last (EOS) token, as the sequence head then "
