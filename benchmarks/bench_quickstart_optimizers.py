@@ -63,6 +63,14 @@ def pretrain(config: Path, overrides: dict, output_dir: Path) -> dict:
     return json.loads((output_dir / "trainer_state.json").read_text())
 
 
+def finished_steps(output_dir: Path) -> int | None:
+    """The steps of the finished run in `output_dir` (final weights, EMA and trainer state saved), else None."""
+    state = output_dir / "trainer_state.json"
+    if not (state.is_file() and (output_dir / "model.safetensors").is_file() and (output_dir / "ema").is_dir()):
+        return None
+    return json.loads(state.read_text()).get("global_step")
+
+
 def step_seconds(state: dict, tokens_per_step: int) -> float:
     """Median seconds per step over the timed logs (ThroughputCallback leaves the first two steps out)."""
     rates = [entry["tokens_per_s"] for entry in state["log_history"] if "tokens_per_s" in entry]
@@ -84,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference_steps", type=int, default=None,
                         help="instead of --seconds: the first optimizer's steps; the others get as many steps as "
                              "fit in its time by the measured step-time ratio (robust to a busy machine)")
+    parser.add_argument("--equal_steps", action="store_true",
+                        help="with --reference_steps: every optimizer gets that many steps (the calibration, if any, "
+                             "only reports the step-time ratio)")
+    parser.add_argument("--keep_finished", action="store_true",
+                        help="score an arm whose folder already holds a finished run of its steps instead of "
+                             "training it again (a sweep continued after an interruption)")
     parser.add_argument("--optimizers", default="adamw,muon")
     parser.add_argument("--learning_rates", default="1e-3,2e-3,4e-3")
     parser.add_argument("--pretrain_overrides", default="{}", help="YAML mapping over the quickstart's overrides")
@@ -114,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Step time of each optimizer, side by side.
     calibration: dict[str, list[float]] = {name: [] for name in optimizers}
     rounds = 0 if args.reference_steps and len(optimizers) == 1 else args.calibration_rounds
-    if not rounds:
-        calibration = {optimizers[0]: [args.seconds / args.reference_steps]}
+    if not rounds and args.reference_steps:
+        calibration = {name: [args.seconds / args.reference_steps] for name in optimizers}
     for _ in range(rounds):
         for name in optimizers:
             steps = args.calibration_steps + 2
@@ -136,16 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for lr in learning_rates:
         for name in optimizers:
-            max_steps = (args.reference_steps if args.reference_steps and name == optimizers[0]
+            max_steps = (args.reference_steps if args.reference_steps and (args.equal_steps or name == optimizers[0])
                          else max(10, round(args.seconds / seconds_per_step[name])))
             save_steps = max(1, max_steps // 10)
             out = work / f"{name}_lr{lr:g}"
             started = time.perf_counter()
-            state = pretrain(config, {**base, "optimizer": name, "learning_rate": lr, "max_steps": max_steps,
-                                      "warmup_steps": max(1, round(args.warmup_fraction * max_steps)),
-                                      "ema_decay": 1 - 1 / max(2.0, args.ema_fraction * max_steps),
-                                      "save_strategy": "steps", "save_steps": save_steps, "save_total_limit": 3},
-                             out)
+            if args.keep_finished and finished_steps(out) == max_steps:
+                print(f"{out}: a finished run of {max_steps} steps, scored as it is", flush=True)
+                state = json.loads((out / "trainer_state.json").read_text())
+            else:
+                state = pretrain(config, {**base, "optimizer": name, "learning_rate": lr, "max_steps": max_steps,
+                                          "warmup_steps": max(1, round(args.warmup_fraction * max_steps)),
+                                          "ema_decay": 1 - 1 / max(2.0, args.ema_fraction * max_steps),
+                                          "save_strategy": "steps", "save_steps": save_steps,
+                                          "save_total_limit": 3}, out)
             wall = time.perf_counter() - started
             model, tokenizer = load_checkpoint(out, device="cpu")
             row = {"optimizer": name, "learning_rate": lr, "max_steps": max_steps,
