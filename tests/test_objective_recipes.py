@@ -105,6 +105,10 @@ def test_objective_errors_are_one_line(objective_data, data_dir, tmp_path, capsy
          "error: tokenizer.num_sentinel_tokens: "),
         ("pretrain_nano_cpu.yaml", [f"--data_dir={objective_data}", "--objective=span"], "error: objective: "),
         ("pretrain_encoder_nano_cpu.yaml", [f"--data_dir={objective_data}", "--mask_rate=1.5"], "error: mask_rate: "),
+        ("pretrain_nano_cpu.yaml", [f"--data_dir={objective_data}", "--model_overrides.is_causal=false"],
+         "error: model_overrides.is_causal: objective 'clm' trains a decoder"),
+        ("pretrain_encoder_nano_cpu.yaml", [f"--data_dir={objective_data}", "--model_overrides.is_causal=true"],
+         "error: model_overrides.is_causal: objective 'mlm' trains a bidirectional encoder"),
     ]
     for config, args, message in cases:
         assert run_pretrain(config, f"--output_dir={tmp_path / 'out'}", *args) == 2

@@ -1,8 +1,9 @@
 """Labelled jsonl data for finetuning a classifier on an Ember trunk.
 
 - Sequence classification: one `{"text", "label"}` record per line. The text is encoded without special
-  tokens, cut to `max_length - 1` tokens and closed with EOS, the token `EmberForSequenceClassification`
-  pools (the last one that is not padding): in a decoder it has read the whole text.
+  tokens, cut to `max_length - 1` tokens and closed with EOS: the token `EmberForSequenceClassification`
+  pools in a decoder (`classifier_pooling: last`; there it has read the whole text). An encoder pools the
+  mean over the text instead.
 - Token classification: one `{"tokens", "tags"}` record per line (CoNLL style: words and their BIO tags).
   The words are joined with spaces and encoded once; each word's first sub-token carries its tag, the
   other sub-tokens -100, and predictions are read back from the first sub-tokens.
