@@ -82,7 +82,9 @@ def test_mlm_pretraining_lowers_held_out_masked_token_loss(encoder_dir, objectiv
                      for model in (untrained, trained))
     assert after["tokens"] == before["tokens"] > 100
     assert after["loss"] < before["loss"] - 0.5
-    assert "AutoModelForMaskedLM" in (encoder_dir / "README.md").read_text()
+    card = (encoder_dir / "README.md").read_text()
+    assert "AutoModelForMaskedLM" in card and "pipeline_tag: fill-mask" in card
+    assert "| Cross-entropy of the masked tokens (nats/token) |" in card and "to-hf" not in card
 
 
 @pytest.mark.parametrize("objective", ["prefix_lm", "ul2"])
@@ -94,6 +96,8 @@ def test_prefix_lm_and_ul2_pretraining_runs_and_learns(objective, objective_data
     evals = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "eval_perplexity" not in json.loads((out / "all_results.json").read_text())  # suffix loss only
+    scored = {"prefix_lm": "suffix", "ul2": "target"}[objective]
+    assert f"| Cross-entropy of the {scored} tokens (nats/token) |" in (out / "README.md").read_text()
 
 
 def test_objective_errors_are_one_line(objective_data, data_dir, tmp_path, capsys):

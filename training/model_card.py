@@ -18,6 +18,9 @@ from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md
 from training.run_report import REPORT_DIR
 
 CARD_TAGS = ["ember", "llama-style", "pretraining", "text-generation"]
+# What each pretraining objective's validation loss covers (training/objectives.py): the card's metric labels.
+SCORED_TOKENS = {"clm": "", "prefix_lm": " of the suffix tokens", "ul2": " of the target tokens",
+                 "mlm": " of the masked tokens"}
 
 
 def _human(count: float) -> str:
@@ -101,24 +104,28 @@ def _eval_numbers(metrics: dict) -> dict[str, float]:
     return numbers
 
 
-def _card_metadata(model_name: str, datasets: list[str], numbers: dict[str, float], license: str) -> ModelCardData:
+def _card_metadata(model_name: str, datasets: list[str], numbers: dict[str, float], license: str,
+                   objective: str = "clm") -> ModelCardData:
     eval_results = None
+    pipeline, task = ("fill-mask", "Masked language modeling") if objective == "mlm" else (
+        "text-generation", "Causal language modeling")
+    scored = SCORED_TOKENS[objective]
     if datasets and "eval_loss" in numbers:  # a model-index entry has to name the dataset it was measured on
-        common = dict(task_type="text-generation", task_name="Causal language modeling", dataset_type=datasets[0],
+        common = dict(task_type=pipeline, task_name=task, dataset_type=datasets[0],
                       dataset_name=datasets[0], dataset_split="validation")
         eval_results = [
-            EvalResult(metric_type="perplexity", metric_name="Perplexity",
+            EvalResult(metric_type="perplexity", metric_name=f"Perplexity{scored}",
                        metric_value=round(numbers["eval_perplexity"], 4), **common),
-            EvalResult(metric_type="loss", metric_name="Cross-entropy (nats/token)",
+            EvalResult(metric_type="loss", metric_name=f"Cross-entropy{scored} (nats/token)",
                        metric_value=round(numbers["eval_loss"], 4), **common),
         ]
+    tags = [tag for tag in CARD_TAGS if objective != "mlm" or tag != "text-generation"]
     return ModelCardData(library_name="transformers", license=license, datasets=list(datasets) or None,
-                         tags=list(CARD_TAGS), pipeline_tag="text-generation", model_name=model_name,
-                         eval_results=eval_results)
+                         tags=tags, pipeline_tag=pipeline, model_name=model_name, eval_results=eval_results)
 
 
 def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets: list[str],
-               numbers: dict[str, float], training: dict, repo_id: str | None) -> str:
+               numbers: dict[str, float], training: dict, repo_id: str | None, objective: str = "clm") -> str:
     location = repo_id or f"path/to/{model_name}"
     data = ", ".join(f"`{name}`" for name in datasets) if datasets else "data not recorded in this card"
     if config.is_causal:
@@ -168,8 +175,9 @@ def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets:
     lines += ["## Evaluation", ""]
     if "eval_loss" in numbers:
         lines += [f"On the held-out validation split of the training data ({data}):", "",
-                  *md_table(("metric", "value"), [("Cross-entropy (nats/token)", f"{numbers['eval_loss']:.4f}"),
-                                                ("Perplexity", fmt_number(numbers["eval_perplexity"], ".2f"))]), ""]
+                  *md_table(("metric", "value"), [
+                      (f"Cross-entropy{SCORED_TOKENS[objective]} (nats/token)", f"{numbers['eval_loss']:.4f}"),
+                      (f"Perplexity{SCORED_TOKENS[objective]}", fmt_number(numbers["eval_perplexity"], ".2f"))]), ""]
     else:
         lines += ["No held-out evaluation was run.", ""]
     if "train_loss" in numbers:
@@ -190,7 +198,7 @@ def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets:
 
 def write_model_card(output_dir: Path, *, model_name: str, config: EmberConfig | dict, datasets: list[str],
                      metrics: dict, training: dict, license: str = "apache-2.0",
-                     repo_id: str | None = None) -> Path:
+                     repo_id: str | None = None, objective: str = "clm") -> Path:
     """Write `<output_dir>/README.md`, a Hub model card, and return its path.
 
     Args:
@@ -203,6 +211,7 @@ def write_model_card(output_dir: Path, *, model_name: str, config: EmberConfig |
             precision, hardware, world_size, wall_seconds) get labels, others appear under their own names.
         license: a Hub license id.
         repo_id: the Hub id used in the loading example (default: a placeholder path).
+        objective: the pretraining objective (`SCORED_TOKENS`), which says what the validation loss covers.
 
     Call it after `write_run_report` to have the card link the report and show the loss curve. Writing makes
     no network request.
@@ -212,8 +221,10 @@ def write_model_card(output_dir: Path, *, model_name: str, config: EmberConfig |
         config = EmberConfig.from_dict(config)
     datasets = list(datasets)
     numbers = _eval_numbers(metrics)
-    card_data = _card_metadata(model_name, datasets, numbers, license)
-    body = _card_body(output_dir, model_name, config, datasets, numbers, training, repo_id)
+    if objective not in SCORED_TOKENS:
+        raise ValueError(f"objective: expected one of {', '.join(SCORED_TOKENS)}, got {objective!r}")
+    card_data = _card_metadata(model_name, datasets, numbers, license, objective)
+    body = _card_body(output_dir, model_name, config, datasets, numbers, training, repo_id, objective)
     # Built from our own text rather than `ModelCard.from_template`, whose default template is a long form of
     # placeholder sections; ModelCard still serialises and checks the metadata block.
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")

@@ -143,7 +143,8 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
                                                    seq_len) if peak else None)})
     steps = trainer.state.global_step
     write_model_card(output_dir, model_name=output_dir.name, config=config, datasets=[Path(data_args.data_dir).name],
-                     metrics=metrics, repo_id=args.hub_model_id, training={
+                     metrics=metrics, repo_id=args.hub_model_id,
+                     objective=objective_args.objective if objective_args is not None else "clm", training={
                          "tokens": total_tokens if steps == args.max_steps else tokens_per_step * steps,
                          "steps": steps, "tokens_per_step": tokens_per_step,
                          "seq_len": seq_len, "global_batch_size": tokens_per_step // seq_len,
