@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep_finished", action="store_true",
                         help="score an arm whose folder already holds a finished run of its steps instead of "
                              "training it again (a sweep continued after an interruption)")
+    parser.add_argument("--calibrate_only", action="store_true",
+                        help="measure the optimizers' step times side by side, save them, and stop")
     parser.add_argument("--optimizers", default="adamw,muon")
     parser.add_argument("--learning_rates", default="1e-3,2e-3,4e-3")
     parser.add_argument("--pretrain_overrides", default="{}", help="YAML mapping over the quickstart's overrides")
@@ -143,6 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference_steps:  # the budget: the first optimizer's reference_steps at its measured step time
         args.seconds = args.reference_steps * seconds_per_step[optimizers[0]]
     print("step seconds:", {name: round(value, 4) for name, value in seconds_per_step.items()}, flush=True)
+    if args.calibrate_only:
+        load_after = os.getloadavg()
+        record = {"benchmark": "quickstart_optimizers_step_time", "command": " ".join([sys.executable, *sys.argv]),
+                  "machine": {"cpu": cpu_model_name(), "cores": available_cores(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads()},
+                  "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+                  "calibration_seconds_per_step": calibration, "seconds_per_step": seconds_per_step,
+                  "ratio_to_first": {name: seconds_per_step[name] / seconds_per_step[optimizers[0]]
+                                     for name in optimizers}}
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["ratio_to_first"]))
+        return 0
 
     # 2. The sweep at equal wall time.
     texts = list(read_documents(data_dir / "documents" / "validation"))
