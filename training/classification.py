@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-IGNORE = -100
+from training.trainer import IGNORE_INDEX
 
 
 def read_records(path: str | Path, fields: tuple[str, str]) -> list[tuple[str, dict[str, Any]]]:
@@ -114,7 +114,7 @@ class TokenDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{where}: {tags_field}: {len(tags) if isinstance(tags, list) else 'no list of'} "
                                  f"tags for {len(words)} tokens")
             ids, first = align_words(tokenizer, words, max_length)
-            labels = [IGNORE] * len(ids)
+            labels = [IGNORE_INDEX] * len(ids)
             for position, tag in zip(first, tags):
                 tag_id = _label_id(tag, label2id, where, tags_field)
                 if position >= 0:

@@ -37,8 +37,8 @@ from modeling.loading import adapter_base, load_model
 from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
 from training.muon import OptimizerChoiceMixin
+from training.trainer import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 # Ember's module names (modeling_ember.py), the same as LLaMA's.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

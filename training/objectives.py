@@ -35,13 +35,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from data_prep.tokenizer import DENOISER_TOKENS, sentinel_token_ids
-from training.trainer import collate_packed
+from training.trainer import IGNORE_INDEX, collate_packed
 
 if TYPE_CHECKING:
     from training.arguments import ObjectiveArguments
 
 OBJECTIVES = ("clm", "prefix_lm", "mlm", "ul2")
-IGNORE = -100
 
 
 def _rand(shape, generator: torch.Generator | None) -> torch.Tensor:
@@ -122,7 +121,7 @@ class MaskedLMCollator:
     def mask_tokens(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) for a (batch, seq_len) tensor of ids."""
         selected = self.select(input_ids)
-        labels = torch.where(selected, input_ids, IGNORE)
+        labels = torch.where(selected, input_ids, IGNORE_INDEX)
         action = _rand(input_ids.shape, self.generator)
         to_mask = selected & (action < self.mask_token_rate)
         to_random = selected & ~to_mask & (action < self.mask_token_rate + self.random_token_rate)
@@ -196,7 +195,7 @@ class PrefixLMCollator:
             # Position t predicts token t+1: scored when t+1 is a suffix token. Past the block's end the next
             # token continues the last document unless this one is an EOS.
             next_in_prefix = torch.cat([prefix[1:], (input_ids[-1:] == self.eos_id)])
-            batch["shift_labels"][row, next_in_prefix] = IGNORE
+            batch["shift_labels"][row, next_in_prefix] = IGNORE_INDEX
         batch["labels"] = batch["shift_labels"].clone()
         batch["block_sequence_ids"] = blocks
         return batch
@@ -306,7 +305,7 @@ class UL2Collator:
         used = len(sequence)
         input_ids = torch.full((self.seq_len,), self.pad_id, dtype=torch.long)
         input_ids[:used] = sequence
-        shift_labels = torch.full((self.seq_len,), IGNORE, dtype=torch.long)
+        shift_labels = torch.full((self.seq_len,), IGNORE_INDEX, dtype=torch.long)
         shift_labels[len(prefix) - 1 : used - 1] = targets  # the last input predicts the first target
         blocks = torch.full((self.seq_len,), -1, dtype=torch.long)
         blocks[: len(prefix)] = 0

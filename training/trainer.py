@@ -38,6 +38,7 @@ from training.optim import decay_parameter_names
 from training.spikes import DataState, LossSpikeCallback, global_mean
 
 STREAM_STATE_FILE = "stream_state_{rank}.json"
+IGNORE_INDEX = -100  # the label of a position no loss scores (the value torch and transformers skip)
 
 
 def is_rank_stream(dataset: Any) -> bool:
@@ -266,7 +267,7 @@ class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
                                         num_items_in_batch=num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         # The tokens the objective scores: shifted targets (clm, prefix_lm, ul2), or the masked positions (mlm).
-        targets = inputs["shift_labels" if "shift_labels" in inputs else "labels"] != -100
+        targets = inputs["shift_labels" if "shift_labels" in inputs else "labels"] != IGNORE_INDEX
         squares = (torch.logsumexp(outputs.logits.float(), dim=-1).square() * targets).sum()
         count = targets.sum()
         if num_items_in_batch is None:
