@@ -242,7 +242,9 @@ class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
         finally:
             model.__class__ = sharded_class
         folder = Path(output_dir or self.args.output_dir)
-        if (folder / "tokenizer_config.json").is_file():
+        # Only the writer: with a model sharded at load time (tp_size) every rank comes through here to join the
+        # gathers, and the others would read a tokenizer the writer may still be writing.
+        if self.args.should_save and (folder / "tokenizer_config.json").is_file():
             make_portable(folder)  # the saved tokenizer loads in transformers 4.x too
 
     def _issue_warnings_after_load(self, load_result: Any) -> None:
