@@ -126,6 +126,10 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     total_tokens = tokens_per_step * args.max_steps if step_micro_batches is None else (
         micro_tokens * sum(step_micro_batches))
 
+    # bits per byte of the validation text: only where the loss scores every token of it
+    eval_bytes_per_token = (split_bytes_per_token(data_args.data_dir, "validation")
+                            if objective_args.objective == "clm" else None)
+
     def make_trainer(data_state: DataState) -> PretrainingTrainer:
         nonlocal model
         if model is None:  # a rollback: a fresh model (the checkpoint's weights load into it), nothing of the old one
@@ -139,9 +143,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             loss_spikes=(LossSpikeCallback(run_args.loss_spike_zscore, run_args.loss_spike_window,
                                            run_args.loss_spike_skip_ahead)
                          if run_args.loss_spike_zscore else None),
-            # bits per byte of the validation text: only where the loss scores every token of it
-            eval_bytes_per_token=(split_bytes_per_token(data_args.data_dir, "validation")
-                                  if objective_args.objective == "clm" else None),
+            eval_bytes_per_token=eval_bytes_per_token,
             ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
             callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
                        NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)])
@@ -222,11 +224,9 @@ def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, dat
             metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
         else:
             metrics.update(trainer.evaluate())
+        # eval_bits_per_byte is already there: PretrainingTrainer.log adds it to every evaluation of a clm run
         if "eval_loss" in metrics and objective_args.objective == "clm":  # else the loss covers scored tokens only
             metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-            bytes_per_token = split_bytes_per_token(data_args.data_dir, "validation")
-            if bytes_per_token:
-                metrics["eval_bits_per_byte"] = metrics["eval_loss"] / math.log(2) / bytes_per_token
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("all", metrics)
     if trainer.is_fsdp_enabled:  # checkpoints stay sharded (fast resume); the final model is one full file set
