@@ -43,7 +43,7 @@ from modeling.loading import checkpoint_tokenizer, load_model
 from modeling.tokenizer_config import make_portable
 from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
 from training.callbacks import use_log_lines
-from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume
 from training.classification import SequenceDataset, TokenDataset, labels_of, read_records
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
@@ -142,7 +142,7 @@ def metrics_function(validation, labels: list[str], task: str):
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
-    exit_with_launcher()
+    as_launched_rank()
     try:
         args, training = parse(sys.argv[1:] if argv is None and config is None else argv, config=config,
                                overrides=overrides)

@@ -37,7 +37,7 @@ from training.arguments import (
     LoraArguments,
     parse_training_args,
 )
-from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume
 from training.finetune import (
     InstructionCollator,
     InstructionDataset,
@@ -92,7 +92,7 @@ def load_inputs(model_args: BaseModelArguments, lora_args: LoraArguments, data_a
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
-    exit_with_launcher()
+    as_launched_rank()
     try:
         model_args, lora_args, data_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
                                                        config=config, overrides=overrides)

@@ -39,7 +39,7 @@ from training.arguments import (
 )
 from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import exit_with_launcher, output_dir_lock, resolve_resume, saved_step
+from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume, saved_step
 from training.data_order import BatchRamp
 from training.hub import push
 from training.objectives import build_collator
@@ -62,7 +62,7 @@ def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
-    exit_with_launcher()
+    as_launched_rank()
     try:
         model_args, data_args, run_args, objective_args, args = parse(
             sys.argv[1:] if argv is None and config is None else argv, config=config, overrides=overrides)

@@ -29,9 +29,11 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.launch import _filter_args, prepare_deepspeed_cmd_env, prepare_multi_gpu_env
-from conftest import tiny_model
+from conftest import launch_failure, tiny_model
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
+
+from training.checkpoints import as_launched_rank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
@@ -230,7 +232,7 @@ def accelerate_launch(config: str, worker: str, out_dir: Path, *options: str) ->
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_DIR / config),
                *options, __file__, worker, str(out_dir)]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, launch_failure(result)
 
 
 def read_ranks(out_dir: Path) -> list[dict]:
@@ -367,4 +369,5 @@ def run_fsdp2_worker(out_dir: Path) -> None:
 
 if __name__ == "__main__":  # rank entry point for the launches above: <worker> <out_dir>
     worker, out_dir = sys.argv[1], Path(sys.argv[2])
+    as_launched_rank()  # as the recipes' ranks: out of the gloo group before the interpreter shuts down
     {"ddp": run_ddp_worker, "fsdp2": run_fsdp2_worker}[worker](out_dir)

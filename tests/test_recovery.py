@@ -209,3 +209,28 @@ def test_killed_launcher_takes_its_ranks_along_and_a_second_run_is_refused_meanw
         except ConfigError:
             assert time.monotonic() < deadline
             time.sleep(0.5)
+
+
+LEAVES_GROUP = """
+import atexit, os, sys
+import torch, torch.distributed as dist
+from training.checkpoints import as_launched_rank
+
+# Exit handlers run last-registered first: this one, registered before, sees what the recipe's handler left.
+atexit.register(lambda: print("group still up at exit:", dist.is_initialized(), flush=True))
+as_launched_rank()
+as_launched_rank()  # a recipe's main() may run more than once in one process (the quickstart runs several)
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+work = dist.all_reduce(torch.ones(3), async_op=True)  # work a gloo thread holds
+work.wait()
+print("group up:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_rank_leaves_its_process_group_before_the_interpreter_shuts_down(tmp_path):
+    """The recipes' ranks destroy their gloo group at exit; left to interpreter finalization it can abort the rank
+    (SIGABRT) after training has finished."""
+    result = subprocess.run([sys.executable, "-c", LEAVES_GROUP, str(tmp_path / "store")], cwd=REPO_ROOT,
+                            env={**ENV, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["group up: True", "group still up at exit: False"], result.stdout

@@ -4,11 +4,13 @@
   Trainer will load is checked first (`checkpoint_problem`), so a cut-short file is named, not crashed on.
 - `save_failure`: a checkpoint save that ran out of disk space, as one line naming the folder and the space needed.
 - `output_dir_lock`: a run holds a lock on its `output_dir`; a second run writing the same folder is refused.
-- `exit_with_launcher`: launched ranks end when their launcher dies instead of training on unattended.
+- `as_launched_rank`: launched ranks end when their launcher dies instead of training on unattended, and leave
+  their process group before the interpreter shuts down.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -27,6 +29,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch.distributed as dist
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -297,15 +300,27 @@ def output_dir_lock(output_dir: str | os.PathLike, enabled: bool = True) -> Iter
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launched ranks end with their launcher
+# How launched ranks end: with their launcher, and out of their process group
 # ---------------------------------------------------------------------------------------------------------------
 
 _PR_SET_PDEATHSIG = 1
 
 
-def exit_with_launcher(sig: int = signal.SIGTERM) -> bool:
-    """In a rank started by torch-elastic (`accelerate launch`, `torchrun`), ask Linux to send `sig` to this
-    process when its launcher dies. Returns whether that was set up.
+def leave_process_group() -> None:
+    """Destroy the process groups this process joined, if any (a no-op otherwise).
+
+    Needed before the interpreter finalizes: a gloo group left alive still holds work objects with tensors in
+    its C++ threads, and freeing those during finalization takes the GIL of a dying interpreter, which aborts
+    the process (SIGABRT) now and then, typically in the rank that finishes first.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def as_launched_rank(sig: int = signal.SIGTERM) -> bool:
+    """Set up how this process ends: it leaves its process group at exit (`leave_process_group`, registered
+    once however often this is called), and, in a rank started by torch-elastic (`accelerate launch`,
+    `torchrun`), Linux sends it `sig` when its launcher dies. Returns whether the latter was set up.
 
     torch-elastic starts every rank in a session of its own, so killing the launcher's process group
     (`kill -9 -PGID`, or a terminal closing) leaves the ranks training on, and they keep writing checkpoints
@@ -313,6 +328,8 @@ def exit_with_launcher(sig: int = signal.SIGTERM) -> bool:
     parent-death signal (prctl PR_SET_PDEATHSIG, Linux only) is it. If the launcher is already gone (this
     process was re-parented before the call), exit at once.
     """
+    atexit.unregister(leave_process_group)
+    atexit.register(leave_process_group)
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return False
     launcher = os.getppid()
