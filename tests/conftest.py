@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A rank that dies on a signal (an abort in C++, a segfault) prints the Python stack of every thread first.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
 
@@ -53,6 +55,20 @@ def recipe_error(stderr: str) -> str:
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and lines[-1] == errors[0], stderr[-3000:]
     return errors[0]
+
+
+FIRST_FAILURE_MARKS = ("Traceback (most recent call last)", "Fatal Python error", "terminate called", "enforce fail",
+                       "error:")
+
+
+def launch_failure(result, keep: int = 3000) -> str:
+    """What a failed launch printed, for an assertion message: the tails of stdout and stderr, then the first
+    failure a rank reported (a traceback, an abort), placed last because a launcher's own summary of the
+    failed ranks otherwise buries it and a log's tail is what gets read."""
+    stdout, stderr = result.stdout or "", result.stderr or ""
+    starts = [stderr.find(mark) for mark in FIRST_FAILURE_MARKS if mark in stderr]
+    first = stderr[min(starts):][:keep] if starts else "(no rank reported a traceback or an abort)"
+    return f"{stdout[-keep:]}\n{stderr[-keep:]}\n--- the first failure a rank reported ---\n{first}"
 
 
 @pytest.fixture(scope="module")

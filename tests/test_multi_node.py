@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_failure
 from test_pretrain_resume import COMPARED, MAX_STEPS, RUN_ARGS, logged_history, training_log_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def one_machine(data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one_machine") / "run"
     result = subprocess.run(launch("cpu_ddp.yaml") + train_args(data_dir, out), cwd=REPO_ROOT, env=ENV,
                             capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     return out
 
 

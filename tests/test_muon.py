@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, tiny_model
+from conftest import NANO_CPU, PRETRAIN_RECIPE, REPO_ROOT, SMALL_MODEL, launch_failure, tiny_model
 from safetensors.torch import load_file
 from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _zeropower_via_newtonschulz
 from transformers import TrainingArguments
@@ -210,9 +210,9 @@ def test_muon_on_two_ranks_ddp_and_fsdp2_agree_and_fsdp2_resumes_exactly(data_di
     """Also the EMA under both: one ema_state.pt under DDP, one per rank under FSDP2, and a resumed FSDP2 run
     continues the same average."""
     ddp = launch("cpu_ddp.yaml", data_dir, tmp_path / "ddp", "--ema_decay=0.9")
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, launch_failure(ddp)
     fsdp = launch("fsdp2.yaml", data_dir, tmp_path / "fsdp", "--ema_decay=0.9", sharding="fsdp")
-    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert fsdp.returncode == 0, launch_failure(fsdp)
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-6").glob("ema_state*")) == ["ema_state.pt"]
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-6").glob("ema_state*")) == [
         "ema_state_0.pt", "ema_state_1.pt"]
@@ -235,7 +235,7 @@ def test_muon_on_two_ranks_ddp_and_fsdp2_agree_and_fsdp2_resumes_exactly(data_di
     shutil.copytree(tmp_path / "fsdp" / "checkpoint-3", resumed / "checkpoint-3")
     again = launch("fsdp2.yaml", data_dir, resumed, "--resume_from_checkpoint=auto", "--ema_decay=0.9",
                    sharding="fsdp")
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, launch_failure(again)
     assert logged(resumed)[3:] == fsdp_log[3:]  # bit for bit: the sharded momentum buffers came back
     resumed_ema = load_file(resumed / "ema" / "model.safetensors")
     assert all(torch.equal(resumed_ema[name], tensor) for name, tensor in fsdp_ema.items())

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import launch_failure
 from safetensors.torch import load_file
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -68,7 +69,7 @@ def launch_recipe(tier: str, sharding: str, data_dir: Path, output_dir: Path, *e
     }
     # From the repository root: zero3.yaml names its DeepSpeed JSON relative to the launch directory.
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, launch_failure(result)
     return result.stdout
 
 
@@ -154,7 +155,7 @@ def test_zero3_tier_trains_the_recipe_partitioned(data_dir, tmp_path):
     result = subprocess.run([sys.executable, __file__, "zero-partitions", str(out / f"checkpoint-{MAX_STEPS}"),
                              str(probe)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result)
     partitions = torch.load(probe)
     final = check_training_and_final_model(out, data_dir)
     parameters = sum(tensor.numel() for tensor in final.values())

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import launch_failure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
@@ -40,7 +41,7 @@ def launch(data_dir: Path, output_dir: Path, processes: int, tp_size: int) -> st
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(SHIM_DIR), str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, launch_failure(result)
     return result.stdout
 
 
