@@ -106,6 +106,27 @@ def test_on_the_cpu_host_memory_is_not_set_against_the_gpu_estimate(tmp_path):
     assert f"| {WALL_SECONDS / ESTIMATED_SECONDS:.2f} |" in text  # the time estimate still applies
 
 
+@pytest.mark.parametrize("objective,scored", [("mlm", " of the masked tokens"), ("prefix_lm", " of the suffix tokens"),
+                                               ("ul2", " of the target tokens")])
+def test_the_loss_rows_say_which_tokens_an_objective_scores(tmp_path, objective, scored):
+    text = write_run_report(tmp_path, make_log_history(), {**SUMMARY, "objective": objective}).read_text()
+    for label in ("Final training loss", "Final training perplexity", "Mean training loss over the run",
+                  "Final eval loss", "Final eval perplexity"):
+        assert f"| {label}{scored} |" in text, label
+    assert "| Final eval perplexity |" not in text
+
+
+def test_every_objective_has_its_label_and_an_unknown_one_is_refused(tmp_path):
+    from training.objectives import OBJECTIVES
+    from training.run_report import SCORED_TOKENS
+
+    assert sorted(SCORED_TOKENS) == sorted(OBJECTIVES)
+    plain = write_run_report(tmp_path / "clm", make_log_history(), SUMMARY).read_text()
+    assert "| Final eval perplexity |" in plain
+    with pytest.raises(ValueError, match="objective: expected one of clm, prefix_lm, ul2, mlm, got 'bert'"):
+        write_run_report(tmp_path / "bad", make_log_history(), {**SUMMARY, "objective": "bert"})
+
+
 def test_missing_mfu_and_eval_are_left_out_with_a_note(tmp_path):
     write_run_report(tmp_path, make_log_history(), SUMMARY)  # an earlier run into the same folder
     text = write_run_report(tmp_path, make_log_history(with_mfu=False, with_eval=False),

@@ -15,12 +15,10 @@ from evaluation.perplexity import perplexity
 from modeling.configuration_ember import EmberConfig
 from modeling.sizing import active_parameters, count_parameters
 from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
-from training.run_report import REPORT_DIR
+from training.run_report import REPORT_DIR, SCORED_TOKENS
 
 CARD_TAGS = ["ember", "llama-style", "pretraining", "text-generation"]
 # What each pretraining objective's validation loss covers (training/objectives.py): the card's metric labels.
-SCORED_TOKENS = {"clm": "", "prefix_lm": " of the suffix tokens", "ul2": " of the target tokens",
-                 "mlm": " of the masked tokens"}
 
 
 def _human(count: float) -> str:

@@ -136,6 +136,7 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
     (output_dir / REPORT_DIR / SETTINGS_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
     write_run_report(output_dir, trainer.state.log_history, {
         "config": recipe, "tokens_per_step": tokens_per_step, "rollbacks": trainer.data_state.rollbacks,
+        "objective": objective_args.objective if objective_args is not None else "clm",
         **({"tokens_seen": total_tokens} if trainer.step_micro_batches and trainer.state.global_step == args.max_steps
            else {}),
         "estimated_memory_gb": memory["total"] / 2**30, "device": "cuda" if torch.cuda.is_available() else "cpu",

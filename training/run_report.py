@@ -49,6 +49,10 @@ def cpu_model_name() -> str:
 REPORT_DIR = "run_report"
 FIGURE_SIZE_INCHES = (7.0, 4.0)
 FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a model repository
+# What a loss (and its perplexity) covers under each pretraining objective, said after its label: a masked-LM
+# "perplexity" over the masked tokens is not comparable with a causal LM's over every token.
+SCORED_TOKENS = {"clm": "", "prefix_lm": " of the suffix tokens", "ul2": " of the target tokens",
+                 "mlm": " of the masked tokens"}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the Trainer's log_history
@@ -254,6 +258,9 @@ def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_SCORED_ROWS = ("final_train_loss", "final_train_perplexity", "mean_train_loss", "final_eval_loss",
+                "final_eval_perplexity")
+
 # (stats key, row label, formatter, note when missing)
 _SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str], str], ...] = (
     ("steps", "Optimizer steps", lambda v: f"{v:,}", "no `step` in the logs"),
@@ -276,9 +283,10 @@ _SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str], str], ...] = (
 )
 
 
-def _summary_section(stats: dict) -> list[str]:
+def _summary_section(stats: dict, objective: str = "clm") -> list[str]:
     rows, missing = [], []
     for key, label, formatter, why in _SUMMARY_ROWS:
+        label += SCORED_TOKENS[objective] if key in _SCORED_ROWS else ""
         if stats[key] is None:
             missing.append(f"{label}: {why}.")
         else:
@@ -345,12 +353,16 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
         estimated_seconds: `modeling.sizing.training_time` for the run;
         estimated_memory_gb: `memory_per_gpu(...)["total"] / 2**30`, compared when `device` is "cuda";
         device: "cuda" or "cpu";
+        objective: the pretraining objective (`SCORED_TOKENS`, default "clm"), named in the loss rows' labels;
         rollbacks: the loss-spike rollbacks (`DataState.rollbacks`), marked on the loss plot and listed.
     A metric missing from the logs leaves out its plot or row, and the report says which and why.
     """
     output_dir = Path(output_dir)
     report_dir = output_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
+    objective = summary.get("objective", "clm")
+    if objective not in SCORED_TOKENS:
+        raise ValueError(f"objective: expected one of {', '.join(SCORED_TOKENS)}, got {objective!r}")
     stats = run_statistics(log_history, summary)
     rollbacks = summary.get("rollbacks") or []
     # A tokens axis while the batch grows (tokens_seen given: steps of unequal size) would misplace every point.
@@ -358,7 +370,7 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
     plots, plot_notes = _write_plots(report_dir, log_history, tokens_axis, rollbacks)
 
     lines = [f"# Training report: {summary.get('name') or output_dir.resolve().name}", ""]
-    lines += _summary_section(stats) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
+    lines += _summary_section(stats, objective) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
     lines += [""] + _rollback_section(rollbacks) + ["## Plots", ""]
     for title, file in plots:
         lines += [f"![{title}]({file})", ""]
