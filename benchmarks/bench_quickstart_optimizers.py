@@ -84,6 +84,14 @@ def bits_per_byte(model, tokenizer, data_dir: Path, evaluation: dict) -> float:
     return result.bits_per_byte
 
 
+def run_record(benchmark: str, load_before: tuple[float, float, float]) -> dict:
+    """What every result file opens with: the benchmark, its command, the machine and its load around the run."""
+    return {"benchmark": benchmark, "command": " ".join([sys.executable, *sys.argv]),
+            "machine": {"cpu": cpu_model_name(), "cores": available_cores(), "torch": torch.__version__,
+                        "transformers": transformers.__version__, "threads": torch.get_num_threads()},
+            "load_average_1m": {"before": load_before[0], "after": os.getloadavg()[0]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quickstart_dir", type=Path, default=REPO_ROOT / "outputs" / "quickstart")
@@ -146,11 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seconds = args.reference_steps * seconds_per_step[optimizers[0]]
     print("step seconds:", {name: round(value, 4) for name, value in seconds_per_step.items()}, flush=True)
     if args.calibrate_only:
-        load_after = os.getloadavg()
-        record = {"benchmark": "quickstart_optimizers_step_time", "command": " ".join([sys.executable, *sys.argv]),
-                  "machine": {"cpu": cpu_model_name(), "cores": available_cores(), "torch": torch.__version__,
-                              "threads": torch.get_num_threads()},
-                  "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        record = {**run_record("quickstart_optimizers_step_time", load_before),
                   "calibration_seconds_per_step": calibration, "seconds_per_step": seconds_per_step,
                   "ratio_to_first": {name: seconds_per_step[name] / seconds_per_step[optimizers[0]]
                                      for name in optimizers}}
@@ -198,12 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
 
     best = {name: min((r for r in rows if r["optimizer"] == name), key=lambda r: r["bpb_final"]) for name in optimizers}
-    load_after = os.getloadavg()
     record = {
-        "benchmark": "quickstart_optimizers", "command": " ".join([sys.executable, *sys.argv]),
-        "machine": {"cpu": cpu_model_name(), "cores": available_cores(), "torch": torch.__version__,
-                    "transformers": transformers.__version__, "threads": torch.get_num_threads()},
-        "load_average_1m": {"before": load_before[0], "after": load_after[0]},
+        **run_record("quickstart_optimizers", load_before),
         "seconds_budget": args.seconds, "calibration_seconds_per_step": calibration,
         "seconds_per_step": seconds_per_step, "pretrain_overrides": base, "evaluation": evaluation,
         "compressors": {name: r["bits_per_byte"] for name, r in compressors.items()}, "rows": rows,
