@@ -56,6 +56,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -154,6 +155,8 @@ def _limit_bytes(texts: Iterable[str], max_bytes: int, counts: dict[str, int]) -
 
 
 def _build_backend(cfg: TokenizerConfig, specials: list[str]) -> tuple[Tokenizer, trainers.Trainer]:
+    # The trainers' progress bars only on a terminal: written to a log or a pipe, they leave blank lines.
+    progress = sys.stdout.isatty() and sys.stderr.isatty()
     if cfg.model == "bpe":
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -163,7 +166,7 @@ def _build_backend(cfg: TokenizerConfig, specials: list[str]) -> tuple[Tokenizer
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress,
         )
     elif cfg.model == "unigram":
         backend = Tokenizer(models.Unigram())
@@ -171,14 +174,14 @@ def _build_backend(cfg: TokenizerConfig, specials: list[str]) -> tuple[Tokenizer
         backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")])
         # Room for the 256 byte pieces appended after training.
         trainer = trainers.UnigramTrainer(
-            vocab_size=cfg.vocab_size - 256, special_tokens=specials, unk_token=UNK_TOKEN, show_progress=True,
+            vocab_size=cfg.vocab_size - 256, special_tokens=specials, unk_token=UNK_TOKEN, show_progress=progress,
         )
     elif cfg.model == "wordpiece":
         backend = Tokenizer(models.WordPiece(unk_token=UNK_TOKEN))
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials, show_progress=True,
+            vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials, show_progress=progress,
         )
     else:
         raise ConfigError(f"tokenizer.model: must be one of ['bpe', 'unigram', 'wordpiece'], got {cfg.model!r}")
