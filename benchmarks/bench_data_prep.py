@@ -1,7 +1,7 @@
 """CPU speed and memory of Ember's tokenize + pack step against the `datasets.map` recipe of run_clm.
 
 Same corpus, same tokenizer, one run (corpus: the readable, non-empty UTF-8 standard-library `.py` files,
-sorted by path, optionally capped at `--max-mb`; tokenizer: a byte-level BPE trained here, or `--tokenizer`):
+sorted by path, optionally capped at `--max_mb`; tokenizer: a byte-level BPE trained here, or `--tokenizer`):
 
 1. Throughput of documents -> fixed-length training blocks on disk, `--rounds` interleaved rounds; and, in the
    same rounds, the raw rate of the tokenizer (`encode_batch_fast` on the same documents in batches of 1000,
@@ -10,12 +10,12 @@ sorted by path, optionally capped at `--max-mb`; tokenizer: a byte-level BPE tra
    run_clm: `Dataset.from_generator` (Arrow cache in a fresh temporary directory; timed apart as `ingest_s`),
             then `.map(tokenize, batched=True, remove_columns=["text"])` with `tokenizer(batch["text"])`, then
             `.map(group_into_blocks, batched=True)`: each batch's `input_ids` / `attention_mask` concatenated
-            and cut into `--seq-len` blocks, the batch's tail dropped (no `labels` copy: only makes it faster).
+            and cut into `--seq_len` blocks, the batch's tail dropped (no `labels` copy: only makes it faster).
    Before timing, both run once and must give the same token ids document by document (Ember's one EOS per
    document taken off); otherwise nothing is reported. Reported: median / IQR seconds, input MB/s (UTF-8
    bytes / 1e6 / s), tokens/s (EOS not counted, so both divide the same number), speed ratio Ember / run_clm.
 2. Peak RSS (`ru_maxrss`) at each of `--scales` times the corpus, each path and scale in a fresh process of
-   this script (`--measure-one`); the corpus is streamed, re-read from disk `scale` times, into
+   this script (`--measure_one`); the corpus is streamed, re-read from disk `scale` times, into
    `pack_documents` or `Dataset.from_generator` (for run_clm at every scale, so its scales compare alike).
 3. MinHash signature throughput (`data_prep.dedup.signature_throughput`, default `DedupConfig`), per round.
 
@@ -25,7 +25,7 @@ without it the environment is left alone and the record says what tokenizers wil
 parallelism switched off, which would change both the thread count and whose memory is measured.
 
     .venv/bin/python benchmarks/bench_data_prep.py                        # whole stdlib, 5 rounds, 1x and 10x
-    .venv/bin/python benchmarks/bench_data_prep.py --threads 1 --max-mb 8 --rounds 3
+    .venv/bin/python benchmarks/bench_data_prep.py --threads 1 --max_mb 8 --rounds 3
 
 Prints a table and writes the record (machine, command line, corpus, token check, raw per-round numbers,
 memory measurements, summary) as JSON to `--output`. See benchmarks/README.md.
@@ -88,32 +88,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Time Ember's tokenize+pack against run_clm-style datasets.map on CPU; measure peak RSS.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per training block (run_clm block_size)")
+    # Underscores as every Ember command; the hyphenated spellings stay as aliases, for the recorded commands.
+    parser.add_argument("--seq_len", "--seq-len", type=int, default=1024,
+                        help="tokens per training block (run_clm block_size)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each path once per round)")
-    parser.add_argument("--max-mb", type=float, default=None, help="cap the corpus at about this many MB (1e6 B)")
+    parser.add_argument("--max_mb", "--max-mb", type=float, default=None,
+                        help="cap the corpus at about this many MB (1e6 B)")
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="corpus multiples for peak RSS")
     parser.add_argument("--threads", type=int, default=None,
                         help="tokenizer threads for both paths (default: leave the environment, tokenizers decides)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="saved tokenizer directory to use")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the tokenizer trained here")
-    parser.add_argument("--tokenizer-train-mb", type=float, default=4.0, help="MB of the corpus to train it on")
+    parser.add_argument("--vocab_size", "--vocab-size", type=int, default=8192,
+                        help="vocabulary of the tokenizer trained here")
+    parser.add_argument("--tokenizer_train_mb", "--tokenizer-train-mb", type=float, default=4.0,
+                        help="MB of the corpus to train it on")
     parser.add_argument("--workdir", type=Path, default=None, help="where temporary shards and caches go")
-    parser.add_argument("--target-speedup", type=float, default=1.5, help="wanted Ember / run_clm speed")
-    parser.add_argument("--target-rss-growth", type=float, default=1.2, help="allowed Ember RSS growth")
+    parser.add_argument("--target_speedup", "--target-speedup", type=float, default=1.5,
+                        help="wanted Ember / run_clm speed")
+    parser.add_argument("--target_rss_growth", "--target-rss-growth", type=float, default=1.2,
+                        help="allowed Ember RSS growth")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON result path")
     # One memory measurement in this process (the main run starts these itself).
-    parser.add_argument("--measure-one", nargs=2, metavar=("METHOD", "SCALE"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure_one", "--measure-one", nargs=2, metavar=("METHOD", "SCALE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.seq_len, args.rounds, args.vocab_size, *args.scales) < 1:
-        parser.error("--seq-len, --rounds, --vocab-size and --scales must be positive")
+        parser.error("--seq_len, --rounds, --vocab_size and --scales must be positive")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be positive")
     if (args.max_mb is not None and args.max_mb <= 0) or args.tokenizer_train_mb <= 0:
-        parser.error("--max-mb and --tokenizer-train-mb must be positive")
+        parser.error("--max_mb and --tokenizer_train_mb must be positive")
     if args.measure_one:
         method, scale = args.measure_one
         if method not in METHODS or not scale.isdigit() or int(scale) < 1 or args.tokenizer is None:
-            parser.error(f"--measure-one takes one of {METHODS} and a positive scale, and needs --tokenizer")
+            parser.error(f"--measure_one takes one of {METHODS} and a positive scale, and needs --tokenizer")
     return args
 
 
@@ -423,10 +430,10 @@ def measure_memory(args: argparse.Namespace, tokenizer_dir: Path, workdir: Path)
     for scale in args.scales:
         for method in METHODS:
             command = [sys.executable, "-c", LAUNCHER,
-                       sys.executable, str(Path(__file__).resolve()), "--measure-one", method, str(scale),
-                       "--tokenizer", str(tokenizer_dir), "--seq-len", str(args.seq_len), "--workdir", str(workdir)]
+                       sys.executable, str(Path(__file__).resolve()), "--measure_one", method, str(scale),
+                       "--tokenizer", str(tokenizer_dir), "--seq_len", str(args.seq_len), "--workdir", str(workdir)]
             if args.max_mb is not None:
-                command += ["--max-mb", repr(args.max_mb)]
+                command += ["--max_mb", repr(args.max_mb)]
             if args.threads is not None:
                 command += ["--threads", str(args.threads)]
             done = subprocess.run(command, capture_output=True, text=True)

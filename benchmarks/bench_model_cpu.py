@@ -29,7 +29,7 @@ How to run
     .venv/bin/python benchmarks/bench_model_cpu.py                       # nano preset, batch 4 x 256 tokens
     .venv/bin/python benchmarks/bench_model_cpu.py --mode forward
     .venv/bin/python benchmarks/bench_model_cpu.py --preset nano \\
-        --override hidden_size=512 intermediate_size=1408 num_hidden_layers=8 --batch-size 2
+        --override hidden_size=512 intermediate_size=1408 num_hidden_layers=8 --batch_size 2
 
 A table is printed and the full record (machine, command line, configs, raw per-round timings, summary) is
 written as JSON to `--output` (default `benchmarks/results/model_cpu_<timestamp>.json`).
@@ -91,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="EmberConfig fields to override, e.g. hidden_size=512 num_hidden_layers=8",
     )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
+    # Underscores as every Ember command; hyphenated aliases for the recorded commands.
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=4)
+    parser.add_argument("--seq_len", "--seq-len", type=int, default=256)
     parser.add_argument(
         "--mode",
         choices=("train", "forward"),

@@ -13,7 +13,7 @@ Ember's local executor against its Ray executor.
      stage a `LocalPipelineExecutor` with `--workers` workers over `--shards` tasks.
    Both in fresh processes, alternating, `--rounds` times; reported: seconds and documents in per second,
    and the ratio datatrove seconds / Ember seconds (> 1: Ember is faster per document).
-2. `local_vs_ray`: `data_prep run --config recipes/configs/data/stdlib.yaml` (`--max-docs` documents) with
+2. `local_vs_ray`: `data_prep run --config recipes/configs/data/stdlib.yaml` (`--max_docs` documents) with
    `--workers 2` against `--executor ray --ray.num_cpus=2` (a local Ray instance started by the run,
    included in its time), alternating, `--rounds` times; outputs compared byte for byte.
 
@@ -246,8 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--max-docs", type=int, default=2000, help="stdlib documents for local vs ray")
-    parser.add_argument("--corpus-docs", type=int, default=None, help="cap the ember vs datatrove corpus")
+    # Underscores as every Ember command; hyphenated aliases for the recorded commands.
+    parser.add_argument("--max_docs", "--max-docs", type=int, default=2000, help="stdlib documents for local vs ray")
+    parser.add_argument("--corpus_docs", "--corpus-docs", type=int, default=None,
+                        help="cap the ember vs datatrove corpus")
     parser.add_argument("--only", choices=["ember_vs_datatrove", "local_vs_ray"], default=None)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)

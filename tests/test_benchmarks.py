@@ -17,7 +17,7 @@ def test_bench_model_cpu_runs_and_writes_json(tmp_path):
         [
             sys.executable, str(REPO_ROOT / "benchmarks" / "bench_model_cpu.py"),
             "--override", "hidden_size=64", "intermediate_size=128", "num_hidden_layers=2", "vocab_size=256",
-            "--batch-size", "1", "--seq-len", "32", "--warmup", "0", "--rounds", "2", "--steps", "1",
+            "--batch_size", "1", "--seq_len", "32", "--warmup", "0", "--rounds", "2", "--steps", "1",
             "--threads", "1", "--output", str(output),
         ],
         capture_output=True, text=True, timeout=300,
@@ -38,7 +38,7 @@ def test_bench_data_prep_runs_and_writes_json(tmp_path):
     result = subprocess.run(
         [
             sys.executable, str(REPO_ROOT / "benchmarks" / "bench_data_prep.py"),
-            "--max-mb", "0.3", "--rounds", "1", "--scales", "1", "2", "--seq-len", "128", "--vocab-size", "512",
+            "--max_mb", "0.3", "--rounds", "1", "--scales", "1", "2", "--seq_len", "128", "--vocab_size", "512",
             "--threads", "1", "--workdir", str(tmp_path / "work"), "--output", str(output),
         ],
         capture_output=True, text=True, timeout=300,
@@ -130,7 +130,7 @@ def test_bench_pipeline_engines_runs_and_writes_json(tmp_path):
     output = tmp_path / "engines.json"
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_pipeline_engines.py"), "--rounds", "1",
-         "--corpus-docs", "120", "--max-docs", "40", "--output", str(output)],
+         "--corpus_docs", "120", "--max_docs", "40", "--output", str(output)],
         capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
