@@ -212,7 +212,7 @@ def test_killed_launcher_takes_its_ranks_along_and_a_second_run_is_refused_meanw
 
 
 LEAVES_GROUP = """
-import atexit, os, sys
+import atexit, sys
 import torch, torch.distributed as dist
 from training.checkpoints import as_launched_rank
 

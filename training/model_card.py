@@ -15,7 +15,7 @@ from evaluation.perplexity import perplexity
 from modeling.configuration_ember import EmberConfig
 from modeling.sizing import active_parameters, count_parameters
 from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
-from training.run_report import REPORT_DIR, SCORED_TOKENS
+from training.run_report import REPORT_DIR, scored_tokens
 
 CARD_TAGS = ["ember", "llama-style", "pretraining", "text-generation"]
 # What each pretraining objective's validation loss covers (training/objectives.py): the card's metric labels.
@@ -107,7 +107,7 @@ def _card_metadata(model_name: str, datasets: list[str], numbers: dict[str, floa
     eval_results = None
     pipeline, task = ("fill-mask", "Masked language modeling") if objective == "mlm" else (
         "text-generation", "Causal language modeling")
-    scored = SCORED_TOKENS[objective]
+    scored = scored_tokens(objective)
     if datasets and "eval_loss" in numbers:  # a model-index entry has to name the dataset it was measured on
         common = dict(task_type=pipeline, task_name=task, dataset_type=datasets[0],
                       dataset_name=datasets[0], dataset_split="validation")
@@ -174,8 +174,8 @@ def _card_body(output_dir: Path, model_name: str, config: EmberConfig, datasets:
     if "eval_loss" in numbers:
         lines += [f"On the held-out validation split of the training data ({data}):", "",
                   *md_table(("metric", "value"), [
-                      (f"Cross-entropy{SCORED_TOKENS[objective]} (nats/token)", f"{numbers['eval_loss']:.4f}"),
-                      (f"Perplexity{SCORED_TOKENS[objective]}", fmt_number(numbers["eval_perplexity"], ".2f"))]), ""]
+                      (f"Cross-entropy{scored_tokens(objective)} (nats/token)", f"{numbers['eval_loss']:.4f}"),
+                      (f"Perplexity{scored_tokens(objective)}", fmt_number(numbers["eval_perplexity"], ".2f"))]), ""]
     else:
         lines += ["No held-out evaluation was run.", ""]
     if "train_loss" in numbers:
@@ -209,7 +209,7 @@ def write_model_card(output_dir: Path, *, model_name: str, config: EmberConfig |
             precision, hardware, world_size, wall_seconds) get labels, others appear under their own names.
         license: a Hub license id.
         repo_id: the Hub id used in the loading example (default: a placeholder path).
-        objective: the pretraining objective (`SCORED_TOKENS`), which says what the validation loss covers.
+        objective: the pretraining objective (`run_report.SCORED_TOKENS`), which says what the validation loss covers.
 
     Call it after `write_run_report` to have the card link the report and show the loss curve. Writing makes
     no network request.
@@ -219,8 +219,7 @@ def write_model_card(output_dir: Path, *, model_name: str, config: EmberConfig |
         config = EmberConfig.from_dict(config)
     datasets = list(datasets)
     numbers = _eval_numbers(metrics)
-    if objective not in SCORED_TOKENS:
-        raise ValueError(f"objective: expected one of {', '.join(SCORED_TOKENS)}, got {objective!r}")
+    scored_tokens(objective)  # an unknown objective is refused before anything is written
     card_data = _card_metadata(model_name, datasets, numbers, license, objective)
     body = _card_body(output_dir, model_name, config, datasets, numbers, training, repo_id, objective)
     # Built from our own text rather than `ModelCard.from_template`, whose default template is a long form of

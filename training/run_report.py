@@ -54,6 +54,13 @@ FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a mo
 SCORED_TOKENS = {"clm": "", "prefix_lm": " of the suffix tokens", "ul2": " of the target tokens",
                  "mlm": " of the masked tokens"}
 
+
+def scored_tokens(objective: str) -> str:
+    """`SCORED_TOKENS[objective]`; an unknown objective is a one-line ValueError naming the field."""
+    if objective not in SCORED_TOKENS:
+        raise ValueError(f"objective: expected one of {', '.join(SCORED_TOKENS)}, got {objective!r}")
+    return SCORED_TOKENS[objective]
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the Trainer's log_history
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,10 +290,10 @@ _SUMMARY_ROWS: tuple[tuple[str, str, Callable[[Any], str], str], ...] = (
 )
 
 
-def _summary_section(stats: dict, objective: str = "clm") -> list[str]:
+def _summary_section(stats: dict, scored: str = "") -> list[str]:
     rows, missing = [], []
     for key, label, formatter, why in _SUMMARY_ROWS:
-        label += SCORED_TOKENS[objective] if key in _SCORED_ROWS else ""
+        label += scored if key in _SCORED_ROWS else ""
         if stats[key] is None:
             missing.append(f"{label}: {why}.")
         else:
@@ -360,9 +367,7 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
     output_dir = Path(output_dir)
     report_dir = output_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    objective = summary.get("objective", "clm")
-    if objective not in SCORED_TOKENS:
-        raise ValueError(f"objective: expected one of {', '.join(SCORED_TOKENS)}, got {objective!r}")
+    scored = scored_tokens(summary.get("objective", "clm"))
     stats = run_statistics(log_history, summary)
     rollbacks = summary.get("rollbacks") or []
     # A tokens axis while the batch grows (tokens_seen given: steps of unequal size) would misplace every point.
@@ -370,7 +375,7 @@ def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -
     plots, plot_notes = _write_plots(report_dir, log_history, tokens_axis, rollbacks)
 
     lines = [f"# Training report: {summary.get('name') or output_dir.resolve().name}", ""]
-    lines += _summary_section(stats, objective) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
+    lines += _summary_section(stats, scored) + [""] + _sizing_section(stats, summary.get("device") == "cuda")
     lines += [""] + _rollback_section(rollbacks) + ["## Plots", ""]
     for title, file in plots:
         lines += [f"![{title}]({file})", ""]
