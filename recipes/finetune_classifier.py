@@ -43,7 +43,7 @@ from modeling.loading import checkpoint_tokenizer, load_model
 from modeling.tokenizer_config import make_portable
 from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
 from training.callbacks import use_log_lines
-from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
 from training.classification import SequenceDataset, TokenDataset, labels_of, read_records
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
@@ -216,4 +216,4 @@ def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, lab
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    sys.exit(main())
+    exit_rank(main())

@@ -37,7 +37,7 @@ from training.arguments import (
     LoraArguments,
     parse_training_args,
 )
-from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
 from training.finetune import (
     InstructionCollator,
     InstructionDataset,
@@ -165,4 +165,4 @@ def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    sys.exit(main())
+    exit_rank(main())

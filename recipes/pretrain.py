@@ -39,7 +39,7 @@ from training.arguments import (
 )
 from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import as_launched_rank, output_dir_lock, resolve_resume, saved_step
+from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume, saved_step
 from training.data_order import BatchRamp
 from training.hub import push
 from training.objectives import build_collator
@@ -249,4 +249,4 @@ def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, dat
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    sys.exit(main())
+    exit_rank(main())

@@ -33,7 +33,7 @@ from conftest import launch_failure, tiny_model
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 from torch.distributed.tensor import DTensor
 
-from training.checkpoints import as_launched_rank
+from training.checkpoints import as_launched_rank, exit_rank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "accelerate_configs"
@@ -371,3 +371,4 @@ if __name__ == "__main__":  # rank entry point for the launches above: <worker> 
     worker, out_dir = sys.argv[1], Path(sys.argv[2])
     as_launched_rank()  # as the recipes' ranks: out of the gloo group before the interpreter shuts down
     {"ddp": run_ddp_worker, "fsdp2": run_fsdp2_worker}[worker](out_dir)
+    exit_rank(0)

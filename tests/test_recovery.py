@@ -211,26 +211,54 @@ def test_killed_launcher_takes_its_ranks_along_and_a_second_run_is_refused_meanw
             time.sleep(0.5)
 
 
-LEAVES_GROUP = """
-import atexit, sys
+RANK_ENDS = """
+import atexit, os, sys, threading, time
 import torch, torch.distributed as dist
-from training.checkpoints import as_launched_rank
+from training.checkpoints import as_launched_rank, exit_rank
 
 # Exit handlers run last-registered first: this one, registered before, sees what the recipe's handler left.
-atexit.register(lambda: print("group still up at exit:", dist.is_initialized(), flush=True))
+atexit.register(lambda: print("group still up at exit:", dist.is_initialized()))
 as_launched_rank()
 as_launched_rank()  # a recipe's main() may run more than once in one process (the quickstart runs several)
 dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
-work = dist.all_reduce(torch.ones(3), async_op=True)  # work a gloo thread holds
-work.wait()
-print("group up:", dist.is_initialized(), flush=True)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+model(torch.ones(2, 4)).sum().backward()
+
+
+class Finalized:
+    def __del__(self, write=os.write):  # `os` itself may already be cleared when this runs
+        write(1, b"finalized\\n")
+
+
+FINALIZED = Finalized()  # a module global: deleted only when the interpreter finalizes
+
+
+def late_writer():  # a non-daemon thread still writing when main() returns
+    time.sleep(0.5)
+    with open(sys.argv[2], "w") as handle:
+        handle.write("written")
+
+
+threading.Thread(target=late_writer).start()
+print("trained")  # block-buffered on a pipe: exit_rank must flush it
+exit_rank(3)
 """
 
 
-def test_a_rank_leaves_its_process_group_before_the_interpreter_shuts_down(tmp_path):
-    """The recipes' ranks destroy their gloo group at exit; left to interpreter finalization it can abort the rank
-    (SIGABRT) after training has finished."""
-    result = subprocess.run([sys.executable, "-c", LEAVES_GROUP, str(tmp_path / "store")], cwd=REPO_ROOT,
-                            env={**ENV, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines() == ["group up: True", "group still up at exit: False"], result.stdout
+@pytest.mark.parametrize("launched", [True, False], ids=["launched", "plain"])
+def test_a_launched_rank_ends_after_its_exit_work_without_interpreter_finalization(tmp_path, launched):
+    """A rank that trained under DDP on gloo can abort (SIGABRT) while the interpreter finalizes, after its work
+    is done: DDP keeps the gloo backend and its threads alive past `destroy_process_group`. `exit_rank` ends a
+    launched rank with its code after everything a normal exit does for its outputs (non-daemon threads joined,
+    exit handlers run, the group left, output flushed), without finalization. A plain run exits normally."""
+    env = {**ENV, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("TORCHELASTIC_RUN_ID", None)
+    if launched:
+        env["TORCHELASTIC_RUN_ID"] = "test"
+    written = tmp_path / "written.txt"
+    result = subprocess.run([sys.executable, "-c", RANK_ENDS, str(tmp_path / "store"), str(written)], cwd=REPO_ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert written.read_text() == "written"
+    expected = ["trained", "group still up at exit: False"] + ([] if launched else ["finalized"])
+    assert result.stdout.splitlines() == expected, result.stdout

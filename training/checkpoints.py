@@ -4,8 +4,8 @@
   Trainer will load is checked first (`checkpoint_problem`), so a cut-short file is named, not crashed on.
 - `save_failure`: a checkpoint save that ran out of disk space, as one line naming the folder and the space needed.
 - `output_dir_lock`: a run holds a lock on its `output_dir`; a second run writing the same folder is refused.
-- `as_launched_rank`: launched ranks end when their launcher dies instead of training on unattended, and leave
-  their process group before the interpreter shuts down.
+- `as_launched_rank` / `exit_rank`: launched ranks end when their launcher dies instead of training on
+  unattended, leave their process group at exit, and end without interpreter finalization.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed as dist
 from transformers.trainer import TRAINER_STATE_NAME
@@ -307,14 +309,34 @@ _PR_SET_PDEATHSIG = 1
 
 
 def leave_process_group() -> None:
-    """Destroy the process groups this process joined, if any (a no-op otherwise).
-
-    Needed before the interpreter finalizes: a gloo group left alive still holds work objects with tensors in
-    its C++ threads, and freeing those during finalization takes the GIL of a dying interpreter, which aborts
-    the process (SIGABRT) now and then, typically in the rank that finishes first.
-    """
+    """Destroy the process groups this process joined, if any (a no-op otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_rank(code: int | None) -> NoReturn:
+    """End the process with `code`; a launched rank ends without interpreter finalization.
+
+    A rank that trained under DDP on gloo aborts now and then (SIGABRT, "terminate called without an active
+    exception") while the interpreter finalizes, after its work is done; the rank that finishes first, under
+    load (seen in CI, not reproduced on demand). Once a DDP model has been built, something in torch's C++ keeps
+    the gloo backend alive: `destroy_process_group` cannot stop gloo's threads (still running after it, the
+    model's deletion and a full garbage collection), and their objects are torn down in whatever order
+    finalization reaches them. So a launched rank does everything a normal exit does that can
+    matter to its outputs (waits for its non-daemon threads, runs every exit handler: Ember's, logging's, the
+    libraries'; flushes stdout and stderr) and then leaves with `os._exit`, skipping only the teardown. Outside
+    a launch (a plain `python recipes/...`, or `main()` called in-process) this is `sys.exit(code)`.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code or 0)
 
 
 def as_launched_rank(sig: int = signal.SIGTERM) -> bool:
