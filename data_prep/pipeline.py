@@ -199,7 +199,7 @@ def _routed(source: Path, removals: dict[int, Removal], fraction: float, split: 
 def pack_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     """Tokenize and pack this shard's train and validation documents."""
     from data_prep.packing import pack_documents
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.tokenizer import SavedTokenizer
 
     name = _shards(cfg)[index]
     outs = {split: cfg.step_dir("tokens") / split / name for split in SPLITS}
@@ -208,7 +208,7 @@ def pack_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     tokenizer_dir = cfg.step_dir("tokenizer")
     if not (tokenizer_dir / "tokenizer.json").exists():
         raise PipelineError(f"pack {name}: no tokenizer in {tokenizer_dir}; run the tokenizer step")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = SavedTokenizer(tokenizer_dir)
     for split in SPLITS:
         if outs[split].with_suffix(".json").exists():
             continue
@@ -255,7 +255,7 @@ def dedup_plan(cfg: PipelineConfig) -> Path:
 
 def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     """Train the tokenizer on train documents (up to `tokenizer.train_bytes`) or copy `tokenizer.path`."""
-    from data_prep.tokenizer import compression_stats, load_tokenizer, save_tokenizer, train_tokenizer
+    from data_prep.tokenizer import compression_stats, copy_tokenizer, train_tokenizer
 
     out = cfg.step_dir("tokenizer")
     report_path = cfg.root / "tokenizer_report.json"
@@ -267,8 +267,7 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     if missing:
         raise PipelineError(f"tokenizer: split shards not finished yet: {', '.join(missing)}")
     if cfg.tokenizer.path:
-        tokenizer = load_tokenizer(cfg.tokenizer.path)
-        save_tokenizer(tokenizer, out)
+        tokenizer = copy_tokenizer(cfg.tokenizer.path, out)
         trained_on = None
     else:
         used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself

@@ -38,6 +38,11 @@ matched as the special token by `tokenizer(text)`; the packer therefore calls `e
 which encodes such text as ordinary text, so the EOS id appears in packed data only where the packer
 put it.
 
+`load_tokenizer` gives that transformers tokenizer, for training. The pipeline itself reads a saved
+tokenizer with `tokenizers` alone (`SavedTokenizer`: the same ids, vocabulary and EOS id) and copies a
+given one (`copy_tokenizer`), so its processes need not import transformers, and torch with it, when
+the tokenizer is not trained in the run.
+
 The chat template is ChatML-like; each message renders as
 
     <|im_start|>{role}\\n{content}<|im_end|>\\n
@@ -58,16 +63,17 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
-from modeling.tokenizer_config import make_portable
+
+if TYPE_CHECKING:  # imported where used: transformers brings torch, ~5 s a process that packing does without
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 IM_START, IM_END, UNK_TOKEN = config.IM_START, config.IM_END, config.UNK_TOKEN
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = config.FIM_PREFIX, config.FIM_MIDDLE, config.FIM_SUFFIX
@@ -202,6 +208,8 @@ def _add_byte_fallback(backend: Tokenizer) -> None:
 
 
 def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreTrainedTokenizerFast:
+    from transformers import PreTrainedTokenizerFast
+
     named = {cfg.eos_token, cfg.pad_token, UNK_TOKEN, MASK_TOKEN}
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -223,17 +231,19 @@ def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreT
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
     """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
+    from modeling.tokenizer_config import make_portable
+
     tokenizer.save_pretrained(output_dir)
     make_portable(output_dir)
 
 
-def _save_atomically(tokenizer: PreTrainedTokenizerFast, output_dir: Path) -> None:
-    """Save into a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
+def _write_atomically(output_dir: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
     old = None
     try:
-        save_tokenizer(tokenizer, tmp)
+        write(tmp)
         if output_dir.exists():
             old = output_dir.with_name(f"{tmp.name}.old")
             os.replace(output_dir, old)
@@ -267,7 +277,7 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path
         raise RuntimeError(f"train_tokenizer: {cfg.eos_token} did not get id 0; the special token order is broken")
     tokenizer = _wrap(backend, cfg, specials)
     output_dir = Path(output_dir)
-    _save_atomically(tokenizer, output_dir)
+    _write_atomically(output_dir, lambda folder: save_tokenizer(tokenizer, folder))
     logger.info("tokenizer: %s, %d tokens, trained on %d docs / %d bytes, saved to %s",
                 cfg.model, len(tokenizer), counts["docs"], counts["bytes"], output_dir)
     return tokenizer
@@ -277,27 +287,105 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig, output_dir: Path
 # Loading, identity, special ids
 # ---------------------------------------------------------------------------------------------
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a saved tokenizer directory offline; a missing or broken directory is a one-line ConfigError."""
+# The files of a saved fast tokenizer (tokenizer.json holds the model and every added token).
+FAST_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                        "chat_template.json")
+# Loading options, not tokenizer settings: a copy saved with them would refuse the Hub later.
+_LOADING_OPTIONS = ("local_files_only", "is_local")
+
+
+def _tokenizer_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path}: tokenizer directory not found")
     if not (path / "tokenizer.json").is_file():
         raise ConfigError(f"{path}: not a tokenizer directory (no tokenizer.json)")
+    return path
+
+
+def _reason(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a saved tokenizer directory offline; a missing or broken directory is a one-line ConfigError."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = _tokenizer_folder(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # a corrupt file can fail deep inside transformers or tokenizers
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}: cannot load tokenizer ({reason})") from None
+        raise ConfigError(f"{path}: cannot load tokenizer ({_reason(err)})") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ConfigError(f"{path}: expected a fast tokenizer, got {type(tokenizer).__name__}")
-    # Loading options, not tokenizer settings: a copy saved with them would refuse the Hub later.
-    for key in ("local_files_only", "is_local"):
+    for key in _LOADING_OPTIONS:
         tokenizer.init_kwargs.pop(key, None)
     return tokenizer
 
 
-def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerFast | Tokenizer | str | Path) -> str:
+class SavedTokenizer:
+    """A saved tokenizer directory read with `tokenizers` alone: its ids, vocabulary and EOS id, all that packing
+    and the pipeline's tokenizer step use, with the same values as `load_tokenizer`'s tokenizer. Those processes
+    then never import transformers, and torch through it (~5 s each on 2 cores); training uses `load_tokenizer`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = _tokenizer_folder(path)
+        config_file = self.path / "tokenizer_config.json"
+        try:
+            self.backend_tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
+            self.config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except Exception as err:  # a corrupt tokenizer.json fails inside tokenizers' parser
+            raise ConfigError(f"{self.path}: cannot load tokenizer ({_reason(err)})") from None
+        if not isinstance(self.config, dict):
+            raise ConfigError(f"{config_file}: expected a JSON object, got {type(self.config).__name__}")
+        eos = self.config.get("eos_token")  # saved as its text or as an AddedToken dict
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        self.eos_token_id = self.backend_tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend_tokenizer.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def copy_tokenizer(source: str | Path, output_dir: Path) -> SavedTokenizer:
+    """Copy the tokenizer saved in `source` to `output_dir` (atomically, replacing it) and return it, read back.
+
+    Its files are copied byte for byte, so the copy loads to the same tokenizer in every transformers version
+    the source loads in; then loading options are dropped from tokenizer_config.json and a transformers 5 form
+    is made portable (`modeling.tokenizer_config.make_portable`), as `save_tokenizer` does for a trained one.
+    """
+    checked = SavedTokenizer(source)
+    if checked.eos_token_id is None:
+        raise ConfigError(f"{checked.path}/tokenizer_config.json: eos_token: missing or not in the vocabulary; "
+                          "packing needs it to separate documents")
+
+    def write(folder: Path) -> None:
+        for name in FAST_TOKENIZER_FILES:
+            if (checked.path / name).is_file():
+                shutil.copyfile(checked.path / name, folder / name)
+        config_file = folder / "tokenizer_config.json"
+        if not config_file.is_file():
+            return
+        if any(key in checked.config for key in _LOADING_OPTIONS):
+            kept = {key: value for key, value in checked.config.items() if key not in _LOADING_OPTIONS}
+            config_file.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        # The fields make_portable rewrites; importing it imports transformers, so only when there is work.
+        if (checked.config.get("tokenizer_class") == "TokenizersBackend"
+                or isinstance(checked.config.get("extra_special_tokens"), list)):
+            from modeling.tokenizer_config import make_portable
+
+            make_portable(folder)
+
+    output_dir = Path(output_dir)
+    _write_atomically(output_dir, write)
+    return SavedTokenizer(output_dir)
+
+
+def tokenizer_fingerprint(tokenizer_or_dir: PreTrainedTokenizerFast | SavedTokenizer | Tokenizer | str | Path
+                          ) -> str:
     """sha256 of the canonical JSON of the vocabulary, merges, special tokens and pre-tokenization.
 
     Two tokenizers with the same fingerprint give the same ids for every text; the packer stores it
@@ -329,7 +417,7 @@ def sentinel_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
 # Encoding documents
 # ---------------------------------------------------------------------------------------------
 
-def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> list[list[int]]:
+def encode_documents(tokenizer: PreTrainedTokenizerFast | SavedTokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, batched in Rust, with no special tokens added.
 
     Special-token text inside a document ("<|endoftext|>" in a file about tokenizers) is encoded
@@ -359,7 +447,8 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> li
     return [encoding.ids for encoding in encodings]
 
 
-def compression_stats(tokenizer: PreTrainedTokenizerFast, texts: Iterable[str], batch_size: int = 256) -> dict:
+def compression_stats(tokenizer: PreTrainedTokenizerFast | SavedTokenizer, texts: Iterable[str],
+                      batch_size: int = 256) -> dict:
     """Docs, bytes, chars and tokens of held-out `texts`, with bytes and chars per token."""
     stats: dict[str, Any] = {"docs": 0, "bytes": 0, "chars": 0, "tokens": 0}
 

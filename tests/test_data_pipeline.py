@@ -308,3 +308,36 @@ def test_default_stdlib_config_runs_offline_at_small_size(tmp_path):
     assert summary["steps"][0]["extra"]["docs_from/stdlib"] == 80
     assert summary["tokens_train"]["num_blocks"] > 100
     assert PackedDataset(tmp_path / "out" / "tokens" / "train")[0]["input_ids"].shape == (128,)
+
+
+GIVEN_TOKENIZER_RUN = """
+import sys
+from data_prep.config import load_config
+from data_prep.pipeline import run_pipeline
+run_pipeline(load_config(sys.argv[1], sys.argv[2:]))
+print(sorted({"transformers", "torch"} & set(sys.modules)))
+"""
+
+
+def test_a_given_tokenizer_is_copied_and_packs_exactly_as_when_it_was_trained(data_dir, tmp_path):
+    """`tokenizer.path`: the run copies that tokenizer and packs the same token shards, byte for byte, as the run
+    that trained it, and the pipeline's process never imports transformers (or torch) to do it."""
+    out = tmp_path / "given"
+    trained = data_dir / "tokenizer"
+    overrides = [f"--output_dir={out}", "--num_shards=1", "--sources.0.max_docs=40", f"--tokenizer.path={trained}",
+                 "--pack.seq_len=64", "--validation_fraction=0.1"]  # as conftest's data_dir, but the tokenizer given
+    result = subprocess.run([sys.executable, "-c", GIVEN_TOKENIZER_RUN,
+                             str(REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"), *overrides],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    for path in trained.iterdir():
+        assert (out / "tokenizer" / path.name).read_bytes() == path.read_bytes()
+    packed = sorted(p.relative_to(data_dir) for p in (data_dir / "tokens").rglob("*") if p.is_file())
+    assert packed and packed == sorted(p.relative_to(out) for p in (out / "tokens").rglob("*") if p.is_file())
+    for relative in packed:
+        assert (out / relative).read_bytes() == (data_dir / relative).read_bytes(), relative
+    report = json.loads((out / "tokenizer_report.json").read_text())
+    assert report["source"] == str(trained) and report["trained_on_bytes"] is None
+    assert report["vocab_size"] == 512

@@ -18,7 +18,9 @@ from data_prep.tokenizer import (
     FIM_SUFFIX,
     IM_END,
     IM_START,
+    SavedTokenizer,
     compression_stats,
+    copy_tokenizer,
     encode_documents,
     load_tokenizer,
     special_tokens_for,
@@ -93,9 +95,15 @@ def bpe(bpe_dir) -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def unigram(tmp_path_factory) -> PreTrainedTokenizerFast:
+def unigram_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("unigram") / "tokenizer"
-    return train_tokenizer(stdlib_texts(150_000), TokenizerConfig(model="unigram", vocab_size=1024), out)
+    train_tokenizer(stdlib_texts(150_000), TokenizerConfig(model="unigram", vocab_size=1024), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def unigram(unigram_dir) -> PreTrainedTokenizerFast:
+    return load_tokenizer(unigram_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,3 +354,85 @@ def test_a_loaded_tokenizer_saves_without_loading_options(bpe_dir, tmp_path):
     saved = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
     assert "local_files_only" not in saved and "is_local" not in saved
     assert saved["eos_token"] == "<|endoftext|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a saved tokenizer without transformers; copying a given one
+# ---------------------------------------------------------------------------------------------
+
+def test_saved_tokenizer_reads_what_the_transformers_tokenizer_has(bpe_dir, unigram_dir, tmp_path):
+    wordpiece = tmp_path / "wp"
+    train_tokenizer(stdlib_texts(100_000), TokenizerConfig(model="wordpiece", vocab_size=600), wordpiece)
+    texts = HARD_STRINGS + stdlib_texts(50_000, held_out=True) + ["a <|endoftext|> b <|im_start|>"]
+    for folder in (bpe_dir, unigram_dir, wordpiece):
+        full, light = load_tokenizer(folder), SavedTokenizer(folder)
+        assert len(light) == len(full) and light.get_vocab() == full.get_vocab()
+        assert light.eos_token_id == full.eos_token_id == 0
+        assert tokenizer_fingerprint(light) == tokenizer_fingerprint(full) == tokenizer_fingerprint(folder)
+        assert encode_documents(light, texts) == encode_documents(full, texts)
+        assert compression_stats(light, texts) == compression_stats(full, texts)
+
+
+def test_reading_and_copying_a_tokenizer_imports_no_transformers(bpe_dir, tmp_path):
+    code = ("import sys; import data_prep.packing, data_prep.pipeline; "  # what the pack workers import
+            "from data_prep.tokenizer import SavedTokenizer, copy_tokenizer, encode_documents; "
+            f"t = copy_tokenizer({str(bpe_dir)!r}, __import__('pathlib').Path({str(tmp_path / 'copy')!r})); "
+            "encode_documents(t, ['x = 1']); print(sorted({'transformers', 'torch'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
+def test_copy_tokenizer_copies_the_files_and_replaces_the_folder(bpe_dir, bpe, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old", encoding="utf-8")
+    copied = copy_tokenizer(bpe_dir, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in bpe_dir.iterdir())
+    for path in bpe_dir.iterdir():
+        assert (out / path.name).read_bytes() == path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+    assert tokenizer_fingerprint(copied) == tokenizer_fingerprint(bpe)
+    assert load_tokenizer(out).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        bpe.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_copy_tokenizer_makes_a_transformers_5_save_portable_and_drops_loading_options(bpe_dir, tmp_path):
+    source = tmp_path / "v5"
+    load_tokenizer(bpe_dir).save_pretrained(source)  # transformers 5's own form: TokenizersBackend
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "TokenizersBackend"
+    config["local_files_only"] = True
+    (source / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    copy_tokenizer(source, tmp_path / "out")
+    copied = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert copied["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in copied
+    assert "local_files_only" not in copied
+    assert copied["additional_special_tokens"][:2] == [IM_START, IM_END]
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+def test_a_given_tokenizer_that_cannot_be_used_is_refused_in_one_line(bpe_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="tokenizer directory not found"):
+        copy_tokenizer(tmp_path / "missing", out)
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        copy_tokenizer(tmp_path, out)
+    cases = {"tokenizer.json": ("{not json", "cannot load tokenizer"),
+             "tokenizer_config.json": ("[1, 2]", "tokenizer_config.json: expected a JSON object, got list")}
+    for name, (text, message) in cases.items():
+        broken = tmp_path / name.replace(".", "_")
+        broken.mkdir()
+        for path in bpe_dir.iterdir():
+            (broken / path.name).write_bytes(path.read_bytes())
+        (broken / name).write_text(text, encoding="utf-8")
+        with pytest.raises(ConfigError, match=message) as err:
+            copy_tokenizer(broken, out)
+        assert "\n" not in str(err.value) and str(broken) in str(err.value)
+    no_eos = tmp_path / "no_eos"
+    no_eos.mkdir()
+    (no_eos / "tokenizer.json").write_bytes((bpe_dir / "tokenizer.json").read_bytes())
+    with pytest.raises(ConfigError, match="eos_token: missing or not in the vocabulary"):
+        copy_tokenizer(no_eos, out)
+    assert not out.exists()  # nothing written for a refused tokenizer
