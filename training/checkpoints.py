@@ -319,11 +319,11 @@ def exit_rank(code: int | None) -> NoReturn:
 
     A rank that trained under DDP on gloo aborts now and then (SIGABRT, "terminate called without an active
     exception") while the interpreter finalizes, after its work is done; the rank that finishes first, under
-    load (seen in CI, not reproduced on demand). Once a DDP model has been built, something in torch's C++ keeps
-    the gloo backend alive: `destroy_process_group` cannot stop gloo's threads (still running after it, the
-    model's deletion and a full garbage collection), and their objects are torn down in whatever order
-    finalization reaches them. So a launched rank does everything a normal exit does that can
-    matter to its outputs (waits for its non-daemon threads, runs every exit handler: Ember's, logging's, the
+    load (seen in the test suite, not reproduced on demand). Once a DDP model has been built, something in
+    torch's C++ keeps the gloo backend alive: `destroy_process_group` cannot stop gloo's threads (still running
+    after it, the model's deletion and a full garbage collection), and their objects are torn down in whatever
+    order finalization reaches them. So a launched rank does everything a normal exit does that can matter to
+    its outputs (waits for its non-daemon threads, runs every exit handler: Ember's, logging's, the
     libraries'; flushes stdout and stderr) and then leaves with `os._exit`, skipping only the teardown. Outside
     a launch (a plain `python recipes/...`, or `main()` called in-process) this is `sys.exit(code)`.
     """
