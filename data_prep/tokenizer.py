@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cli import error_line
 from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
 
@@ -303,10 +304,6 @@ def _tokenizer_folder(path: str | Path) -> Path:
     return path
 
 
-def _reason(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """Load a saved tokenizer directory offline; a missing or broken directory is a one-line ConfigError."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -315,7 +312,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as err:  # a corrupt file can fail deep inside transformers or tokenizers
-        raise ConfigError(f"{path}: cannot load tokenizer ({_reason(err)})") from None
+        raise ConfigError(f"{path}: cannot load tokenizer ({error_line(err)})") from None
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise ConfigError(f"{path}: expected a fast tokenizer, got {type(tokenizer).__name__}")
     for key in _LOADING_OPTIONS:
@@ -336,7 +333,7 @@ class SavedTokenizer:
             self.backend_tokenizer = Tokenizer.from_file(str(self.path / "tokenizer.json"))
             self.config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         except Exception as err:  # a corrupt tokenizer.json fails inside tokenizers' parser
-            raise ConfigError(f"{self.path}: cannot load tokenizer ({_reason(err)})") from None
+            raise ConfigError(f"{self.path}: cannot load tokenizer ({error_line(err)})") from None
         if not isinstance(self.config, dict):
             raise ConfigError(f"{config_file}: expected a JSON object, got {type(self.config).__name__}")
         eos = self.config.get("eos_token")  # saved as its text or as an AddedToken dict

@@ -18,7 +18,6 @@ from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md
 from training.run_report import REPORT_DIR, scored_tokens
 
 CARD_TAGS = ["ember", "llama-style", "pretraining", "text-generation"]
-# What each pretraining objective's validation loss covers (training/objectives.py): the card's metric labels.
 
 
 def _human(count: float) -> str:
