@@ -227,11 +227,15 @@ def sweep_markdown(report: dict) -> list[str]:
     ]
 
 
+# Each task's validation metrics the two trunks are compared on.
+TASK_METRICS = (("calls", "entity_f1"), ("package", "accuracy"), ("package", "macro_f1"))
+
+
 def pretraining_wins(report: dict) -> bool:
     """Whether the pretrained encoder finetunes better than the random trunk on every task metric."""
     finetune = report["finetune"]
     return all(finetune[f"{task}_pretrained"]["validation"][key] > finetune[f"{task}_scratch"]["validation"][key]
-               for task, key in (("package", "accuracy"), ("package", "macro_f1"), ("calls", "entity_f1")))
+               for task, key in TASK_METRICS)
 
 
 def diagnosis_markdown(report: dict) -> list[str]:
@@ -257,7 +261,7 @@ def diagnosis_markdown(report: dict) -> list[str]:
     finetune = report["finetune"]
     compared = [f"{task} {key} {finetune[f'{task}_pretrained']['validation'][key]:.3f} against "
                 f"{finetune[f'{task}_scratch']['validation'][key]:.3f}"
-                for task, key in (("calls", "entity_f1"), ("package", "accuracy"), ("package", "macro_f1"))]
+                for task, key in TASK_METRICS]
     rows.append("Finetuned with the same recipe and steps, the pretrained encoder against a random trunk of the same "
                 f"shape: {'; '.join(compared)}.")
     if "package_lr_sweep" in report:
@@ -273,6 +277,15 @@ def diagnosis_markdown(report: dict) -> list[str]:
                     "directions the pretraining concentrated the states on (the ranks above), while a random trunk "
                     "starts from well-spread features.")
     return rows + [""]
+
+
+def save(report: dict, output: Path) -> int:
+    """Write the JSON record and its Markdown summary next to it; print the summary."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,19 +307,13 @@ def main(argv: list[str] | None = None) -> int:
         report["package_lr_sweep"] = sweep
         report["package_lr_sweep_command"] = " ".join(
             ["python", "benchmarks/bench_objectives.py", *(sys.argv[1:] if argv is None else argv)])
-        output.write_text(json.dumps(report, indent=2) + "\n")
-        output.with_suffix(".md").write_text(markdown(report))
-        print(markdown(report))
-        return 0
+        return save(report, output)
     if args.diagnose:
         output = Path(args.output)
         report = json.loads(output.read_text())
         report["diagnosis"] = diagnose()
         report["diagnosis"]["load_average"] = os.getloadavg()
-        output.write_text(json.dumps(report, indent=2) + "\n")
-        output.with_suffix(".md").write_text(markdown(report))
-        print(markdown(report))
-        return 0
+        return save(report, output)
     load_at_start = os.getloadavg()
     stages: dict = {}
     for name, (command, done) in STAGES.items():
@@ -330,12 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                      for name, result in results.items()},
         "tasks": json.loads((TASKS / "report.json").read_text()),
     }
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    output.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    return save(report, Path(args.output))
 
 
 if __name__ == "__main__":
