@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-quickstart quickstart data test slurm-deps test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data data-linux linux-corpus test slurm-deps test-gpu test-min-transformers gpu-prep lint clean
 
 install: $(VENV)/.installed-all
 install-quickstart: $(VENV)/.installed-quickstart
@@ -46,6 +46,19 @@ quickstart: install-quickstart
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
 data: install-quickstart
 	$(PY) -m data_prep run --config recipes/configs/data/stdlib.yaml --workers=2
+
+# A gigabyte-scale corpus offline: the Linux kernel's source from Debian's linux-source package (one ~140 MB
+# .tar.xz in /usr/src, read without extracting it), through recipes/configs/data/linux.yaml.
+linux-corpus:
+	@if ls /usr/src/linux-source-*.tar.xz >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			linux-source >/dev/null; \
+	else echo "linux-corpus: not root or no apt-get; install Debian's linux-source package" \
+		"(sudo apt-get install linux-source)"; exit 1; fi
+
+data-linux: install-quickstart linux-corpus
+	$(PY) -m data_prep run --config recipes/configs/data/linux.yaml --workers=2
 
 test: install slurm-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests

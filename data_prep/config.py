@@ -31,8 +31,10 @@ class SourceConfig:
 
     - `hub`: `datasets.load_dataset(path, name, split=split, revision=revision, streaming=True)`;
       `path` may also be a local dataset folder.
-    - `local`: files or globs in `paths` (jsonl, jsonl.gz, jsonl.zst, parquet, txt) or directories of
-      text/code files (`extensions` picks which).
+    - `local`: files or globs in `paths` (jsonl, jsonl.gz, jsonl.zst, parquet, txt), directories of
+      text/code files (`extensions` picks which), or tar archives (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz,
+      .tar.zst), read member by member without extracting them: `extensions` and the `members` globs
+      (on the path inside the archive; `*` also matches `/`) pick which members are documents.
     - `stdlib`: the running interpreter's standard library (`.py` sources and pydoc topics).
     """
 
@@ -45,6 +47,7 @@ class SourceConfig:
     revision: str | None = None
     text_field: str = "text"
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".rst"])
+    members: list[str] = field(default_factory=list)
     kind: Literal["text", "code"] = "text"
     weight: float = 1.0
     stage: int = 0

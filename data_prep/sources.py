@@ -1,12 +1,13 @@
-"""Where documents come from: local files, Hugging Face datasets (streamed), the embedded stdlib corpus.
+"""Where documents come from: local files and tar archives, Hugging Face datasets (streamed), the embedded
+stdlib corpus.
 
 Documents are dicts `{"text", "id", "source", "kind", "stage"}` where `id` is `file:line` (or
-`dataset:index`), so anything the pipeline removes later can be traced back. Records that cannot
+`archive:member`, or `dataset:index`), so anything the pipeline removes later can be traced back. Records that cannot
 be read are skipped and counted in the step report with their location (or raise a one-line
 `DataError` under `--strict`); nothing is dropped silently.
 
 Sharding: shard k of N reads every N-th file when there are at least N files, otherwise every
-N-th record, so shards are disjoint and together cover each source exactly once.
+N-th record (or archive member), so shards are disjoint and together cover each source exactly once.
 Mixture: the sources of one curriculum stage are interleaved with `datasets.interleave_datasets`
 using their weights as probabilities; stages follow one another in order.
 """
@@ -14,13 +15,17 @@ using their weights as probabilities; stages follow one another in order.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import glob
 import gzip
 import io
 import json
+import lzma
 import math
 import os
 import sysconfig
+import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,8 +47,11 @@ RECORD_FEATURES = datasets.Features({
     "nbytes": datasets.Value("int64"),
 })
 # Paths a directory walk passes over that are not bad input: counted, but not fatal under --strict.
-PASSED_OVER = {"other_extension", "no_matching_files", "empty_directory"}
+PASSED_OVER = {"other_extension", "no_matching_files", "empty_directory", "unselected_member", "link_member",
+               "special_member"}
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".ndjson")
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst", ".tzst")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 TEXT_SNIFF_BYTES = 8192
 
 
@@ -269,6 +277,18 @@ def read_parquet(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tu
             yield (where, None, size, "oversized_document") if size > max_doc_bytes else (where, value, size, "")
 
 
+def _as_document(file: str, data: bytes, size: int, suffix: str = ":1") -> tuple[str, str | None, int, str]:
+    """One whole-file document from its bytes, with id `file + suffix`; binary data and non-UTF-8 bytes are
+    refused with their reason (a bad byte located as `file:line`)."""
+    if b"\x00" in data[:TEXT_SNIFF_BYTES]:
+        return file + suffix, None, size, "binary_file"
+    try:
+        return file + suffix, data.decode("utf-8").removeprefix("\ufeff"), size, ""
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return f"{file}:{line}", None, size, "non_utf8"
+
+
 def read_text_file(path: Path, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
     """A whole file is one document: source files, books, articles."""
     where = f"{path}:1"
@@ -281,17 +301,68 @@ def read_text_file(path: Path, max_doc_bytes: int) -> Iterator[tuple[str, str | 
     except OSError as err:
         yield str(path), None, 0, f"unreadable_file ({type(err).__name__})"
         return
-    if b"\x00" in data[:TEXT_SNIFF_BYTES]:
-        yield where, None, size, "binary_file"
-        return
+    yield _as_document(str(path), data, size)
+
+
+def is_archive(path: Path) -> bool:
+    return _has_suffix(path, ARCHIVE_SUFFIXES)
+
+
+def _member_name(name: str) -> str:
+    """A member path as text: bytes that are not UTF-8 (tarfile keeps them as surrogates) become escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def read_archive(path: Path, max_doc_bytes: int, extensions: list[str] | None = None,
+                 members: list[str] | None = None) -> Iterator[tuple[str, str | None, int, str]]:
+    """Every regular member of a tar archive (plain, gzip, bzip2, xz or zstd) as one document, streamed: nothing
+    is extracted to disk and only one member is in memory at a time. Ids are `archive:member/path`.
+
+    Members are selected by `extensions` (None: any) and `members`, shell-style globs on the member path where
+    `*` also crosses `/` (empty: any). Members passed over are counted (`other_extension`, `unselected_member`,
+    `link_member` for symbolic and hard links, `special_member` for devices and fifos); directories are not
+    documents. An archive that stops being readable part way gives its readable members, then one
+    `truncated_archive` (or `unreadable_archive (error)`) entry naming the member it broke in.
+    """
+    last = ""
     try:
-        yield where, data.decode("utf-8").removeprefix("\ufeff"), size, ""
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        yield f"{path}:{line}", None, size, "non_utf8"
+        with open(path, "rb") as raw:
+            zstd = raw.read(4) == ZSTD_MAGIC
+            raw.seek(0)
+            stream = io.BufferedReader(_ZstdFrames(path)) if zstd else raw
+            with stream, tarfile.open(fileobj=stream, mode="r|" if zstd else "r|*") as archive:
+                for info in archive:
+                    archive.members.clear()  # stream mode keeps every header otherwise
+                    if info.isdir():
+                        continue
+                    last = _member_name(info.name)
+                    where = f"{path}:{last}"
+                    if not info.isfile():
+                        yield where, None, 0, "link_member" if info.islnk() or info.issym() else "special_member"
+                    elif extensions is not None and not _has_suffix(Path(last), extensions):
+                        yield where, None, 0, "other_extension"
+                    elif members and not any(fnmatch.fnmatchcase(last, pattern) for pattern in members):
+                        yield where, None, 0, "unselected_member"
+                    elif info.size > max_doc_bytes:
+                        yield where, None, info.size, "oversized_document"
+                    elif info.size == 0:
+                        yield where, None, 0, "empty_file"
+                    else:
+                        data = archive.extractfile(info).read()  # type: ignore[union-attr]
+                        yield _as_document(where, data, info.size, suffix="")
+                    last = ""  # read to its end: a failure from here on is in the next header
+    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as err:
+        truncated = isinstance(err, EOFError) or "unexpected end of data" in str(err)
+        where = f"{path}:{last}" if last else f"{path} (after the last complete member)"
+        yield where, None, 0, "truncated_archive" if truncated else f"unreadable_archive ({type(err).__name__})"
 
 
-def read_file(path: Path, text_field: str, max_doc_bytes: int) -> Iterator[tuple[str, str | None, int, str]]:
+def read_file(path: Path, text_field: str, max_doc_bytes: int, extensions: list[str] | None = None,
+              members: list[str] | None = None) -> Iterator[tuple[str, str | None, int, str]]:
+    """The records of one file: JSON lines, parquet rows, tar archive members (selected by `extensions` and
+    `members`) or the whole file as one document."""
+    if is_archive(path):
+        return read_archive(path, max_doc_bytes, extensions, members)
     if _has_suffix(path, JSONL_SUFFIXES):
         return read_jsonl(path, text_field, max_doc_bytes)
     if _has_suffix(path, (".parquet",)):
@@ -343,7 +414,7 @@ def _records(source: SourceConfig, shard_index: int, num_shards: int,
         if by_file and file_index % n != k:
             continue
         any_record = False
-        for rec in read_file(path, source.text_field, max_doc_bytes):
+        for rec in read_file(path, source.text_field, max_doc_bytes, source.extensions, source.members):
             any_record = True
             owned = by_file or record_index % n == k
             record_index += 1

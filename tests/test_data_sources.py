@@ -22,6 +22,15 @@ def read(sources, shard_index=0, num_shards=1, strict=False, max_doc_bytes=10_00
     return list(account(records, report, sources)), report
 
 
+def strict_error(sources) -> str:
+    """The one-line error reading `sources` under --strict stops with."""
+    with pytest.raises(DataError) as err:
+        read(sources, strict=True)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
@@ -94,10 +103,7 @@ def test_strict_mode_stops_with_one_line_naming_file_and_line(tmp_path, line, wh
     rows[line - 1] = {2: b'{"text": ', 3: b'{"title": "x"}', 4: b'{"text": "\xff\xfe"}'}[line]
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join(rows) + b"\n")
-    with pytest.raises(DataError) as err:
-        read([SourceConfig(name="s", paths=[str(path)])], strict=True)
-    message = str(err.value)
-    assert message == f"{path}:{where}: {reason}" and "\n" not in message
+    assert strict_error([SourceConfig(name="s", paths=[str(path)])]) == f"{path}:{where}: {reason}"
 
 
 def test_a_100mb_single_line_document_is_skipped_without_reading_it_whole(tmp_path):
@@ -265,3 +271,145 @@ def test_a_truncated_compressed_file_keeps_its_records_and_says_where_it_broke(t
     with pytest.raises(DataError) as err:
         read([SourceConfig(name="s", paths=[str(path)])], strict=True, max_doc_bytes=10_000_000)
     assert str(err.value).startswith(f"{path}:")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar archives: read member by member, without extraction
+# ---------------------------------------------------------------------------------------------
+
+ARCHIVE_FORMATS = [".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst"]
+
+
+def tar_bytes(entries):
+    """An uncompressed tar of (name, bytes | "dir" | ("symlink", target) | ("hardlink", target) | "fifo")."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, content in entries:
+            info = tarfile.TarInfo(name)
+            if content == "dir":
+                info.type = tarfile.DIRTYPE
+            elif content == "fifo":
+                info.type = tarfile.FIFOTYPE
+            elif isinstance(content, tuple):
+                info.type = tarfile.SYMTYPE if content[0] == "symlink" else tarfile.LNKTYPE
+                info.linkname = content[1]
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+                continue
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def write_archive(path, entries):
+    import bz2
+    import lzma
+
+    data = tar_bytes(entries)
+    name = path.name
+    if name.endswith((".tar.gz", ".tgz")):
+        data = gzip.compress(data)
+    elif name.endswith(".tar.bz2"):
+        data = bz2.compress(data, compresslevel=1)  # 100 kB blocks: a cut archive still has whole ones
+    elif name.endswith(".tar.xz"):
+        data = lzma.compress(data)
+    elif name.endswith(".tar.zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return path
+
+
+KERNEL_LIKE = [
+    ("linux/", "dir"),
+    ("linux/fs/inode.c", b"int inode(void)\n{\n\treturn 0;\n}\n"),
+    ("linux/fs/inode.h", b"#define INODE 1\n"),
+    ("linux/Documentation/fs.rst", b"Filesystems\n===========\n\nHow inodes work.\n"),
+    ("linux/Makefile", b"all:\n\techo\n"),
+    ("linux/fs/blob.c", b"\x00\x01binary" * 10),
+    ("linux/fs/latin1.c", b"/* ok */\n/* caf\xe9 */\n"),
+    ("linux/fs/empty.c", b""),
+    ("linux/fs/big.c", b"x" * 5000),
+    ("linux/fs/link.c", ("symlink", "inode.c")),
+    ("linux/fs/hard.c", ("hardlink", "linux/fs/inode.c")),
+    ("linux/fs/pipe.c", "fifo"),
+]
+
+
+@pytest.mark.parametrize("suffix", ARCHIVE_FORMATS)
+def test_every_tar_format_is_read_member_by_member_with_bad_members_counted(tmp_path, suffix):
+    archive = write_archive(tmp_path / f"linux{suffix}", KERNEL_LIKE)
+    source = SourceConfig(name="kernel", paths=[str(archive)], extensions=[".c", ".h", ".rst"], kind="code")
+    docs, report = read([source], max_doc_bytes=4096)
+    assert [(d["id"], d["text"]) for d in docs] == [
+        (f"{archive}:linux/fs/inode.c", "int inode(void)\n{\n\treturn 0;\n}\n"),
+        (f"{archive}:linux/fs/inode.h", "#define INODE 1\n"),
+        (f"{archive}:linux/Documentation/fs.rst", "Filesystems\n===========\n\nHow inodes work.\n"),
+    ]
+    assert all(d["kind"] == "code" and d["source"] == "kernel" for d in docs)
+    assert report.removed == Counter(other_extension=1, binary_file=1, non_utf8=1, empty_file=1,
+                                     oversized_document=1, link_member=2, special_member=1)
+    assert report.examples["non_utf8"] == [f"{archive}:linux/fs/latin1.c:2"]
+    assert report.examples["other_extension"] == [f"{archive}:linux/Makefile"]
+    assert report.examples["link_member"] == [f"{archive}:linux/fs/link.c", f"{archive}:linux/fs/hard.c"]
+    # Every member but the directory is a record: kept + removed.
+    assert report.docs_in == len(KERNEL_LIKE) - 1 == report.docs_out + sum(report.removed.values())
+    assert report.bytes_in >= 5000  # the oversized member's bytes are accounted for without being read
+
+
+def test_member_globs_select_members_and_the_rest_are_passed_over_not_fatal(tmp_path):
+    archive = write_archive(tmp_path / "linux.tar.gz", KERNEL_LIKE)
+    source = SourceConfig(name="docs", paths=[str(archive)], extensions=[".rst", ".c"],
+                          members=["*/Documentation/*"])
+    docs, report = read([source], strict=True)  # passing over members is not bad input
+    assert [d["id"] for d in docs] == [f"{archive}:linux/Documentation/fs.rst"]
+    # The regular .c members outside Documentation/, the .h and the Makefile, the links and the fifo.
+    assert report.removed == Counter(unselected_member=5, other_extension=2, link_member=2, special_member=1)
+
+
+@pytest.mark.parametrize("suffix", ARCHIVE_FORMATS)
+def test_a_truncated_archive_keeps_its_members_and_names_the_member_it_broke_in(tmp_path, suffix):
+    rng = random.Random(0)  # members that do not compress to nothing: bzip2 and zstd blocks are 100-128 kB
+    entries = [(f"corpus/doc{i:03d}.txt", " ".join("".join(rng.choices("abcdefgh", k=6)) for _ in range(2000)).encode())
+               for i in range(60)]
+    whole = write_archive(tmp_path / f"whole{suffix}", entries)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    docs, report = read([SourceConfig(name="s", paths=[str(cut)])])
+    assert 0 < len(docs) < 60
+    assert [d["text"] for d in docs] == [text.decode() for _, text in entries[: len(docs)]]
+    broken = [reason for reason in report.removed if "archive" in reason]
+    assert broken == ["truncated_archive"] and report.removed["truncated_archive"] == 1
+    (where,) = report.examples["truncated_archive"]
+    assert where in (f"{cut}:corpus/doc{len(docs):03d}.txt", f"{cut} (after the last complete member)")
+    assert strict_error([SourceConfig(name="s", paths=[str(cut)])]) == f"{where}: truncated_archive"
+
+
+def test_a_file_that_is_not_an_archive_is_one_entry_not_a_crash(tmp_path):
+    fake = tmp_path / "fake.tar.gz"
+    fake.write_bytes(b"this is not gzip data at all")
+    docs, report = read([SourceConfig(name="s", paths=[str(fake)])])
+    assert docs == [] and report.removed == Counter({"unreadable_archive (ReadError)": 1})
+
+
+def test_shards_of_one_archive_are_disjoint_and_cover_every_member(tmp_path):
+    entries = [(f"d/{i}.txt", f"member {i}".encode()) for i in range(20)]
+    archive = write_archive(tmp_path / "a.tar.xz", entries)
+    source = SourceConfig(name="s", paths=[str(archive)])
+    shards = [[d["text"] for d in read([source], k, 3)[0]] for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(f"member {i}" for i in range(20)) and all(shards)
+
+
+def test_member_names_that_are_not_utf8_become_escapes(tmp_path):
+    import tarfile
+
+    tar = tmp_path / "names.tar"
+    with tarfile.open(tar, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as out:
+        info = tarfile.TarInfo("caf\xe9.txt")
+        info.size = 5
+        import io
+        out.addfile(info, io.BytesIO(b"hello"))
+    docs, _ = read([SourceConfig(name="s", paths=[str(tar)])])
+    assert [d["id"] for d in docs] == [f"{tar}:caf\\xe9.txt"] and docs[0]["text"] == "hello"
