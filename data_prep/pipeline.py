@@ -63,12 +63,15 @@ def _report_path(doc_path: Path) -> Path:
     return doc_path.with_name(doc_path.name.removesuffix(".jsonl.zst") + ".report.json")
 
 
+def _unit_hash(doc_id: str, salt: str = "") -> float:
+    """A number in [0, 1) from the document id (and `salt`, which makes draws for other purposes independent)."""
+    key = (doc_id + salt).encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64
+
+
 def is_validation(doc_id: str, fraction: float) -> bool:
     """Held-out assignment from the document id: the same on every rerun (and, for files, any sharding)."""
-    if fraction <= 0:
-        return False
-    digest = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
-    return digest / 2**64 < fraction
+    return fraction > 0 and _unit_hash(doc_id) < fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +222,7 @@ def pack_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
         # FIM draws are seeded by document position; give every shard and split its own stream.
         pack_cfg = dataclasses.replace(cfg.pack, seed=cfg.pack.seed * 1_000_003 + 2 * index + (split == "validation"))
         pack_documents(_counted(read_docs(source), report), tokenizer, outs[split], pack_cfg, report)
+        report.extra[f"encoded_with/{tokenizer.encoder}"] += 1
         save_reports([report], outs[split].with_suffix(".report.json"))
     return outs
 
@@ -254,7 +258,8 @@ def dedup_plan(cfg: PipelineConfig) -> Path:
 
 
 def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
-    """Train the tokenizer on train documents (up to `tokenizer.train_bytes`) or copy `tokenizer.path`."""
+    """Train the tokenizer on at most `tokenizer.train_bytes` of train documents, drawn evenly from the whole
+    corpus (`tokenizer_sample_share`), or copy `tokenizer.path`."""
     from data_prep.tokenizer import compression_stats, copy_tokenizer, train_tokenizer
 
     out = cfg.step_dir("tokenizer")
@@ -271,8 +276,9 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
         trained_on = None
     else:
         used: dict[str, int] = {}  # train_tokenizer stops at tokenizer.train_bytes itself
+        share = tokenizer_sample_share(cfg)
         try:
-            tokenizer = train_tokenizer(_round_robin(train_files), cfg.tokenizer, out, used=used)
+            tokenizer = train_tokenizer(_round_robin(train_files, share), cfg.tokenizer, out, used=used)
         except ConfigError:
             raise
         except ValueError:
@@ -284,8 +290,22 @@ def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     validation = [cfg.step_dir("documents") / "validation" / f"{n}.jsonl.zst" for n in names]
     stats = compression_stats(tokenizer, _first_bytes(_round_robin(validation), HELDOUT_SAMPLE_BYTES))
     stats.update(trained_on_bytes=trained_on, vocab_size=len(tokenizer), source=cfg.tokenizer.path or "trained")
+    if trained_on is not None:
+        stats.update(trained_on_docs=used["docs"], sampled_share=share)
     atomic_write_text(report_path, json.dumps(stats, indent=2))
     return out
+
+
+def tokenizer_sample_share(cfg: PipelineConfig) -> float:
+    """The share of train documents the tokenizer's sample draws: all of them when the corpus fits in
+    `tokenizer.train_bytes`, else enough to fill it (with a 10 % margin) from every part of the corpus."""
+    train_bytes = 0
+    for name in _shards(cfg):
+        split = next(r for r in load_reports(_report_path(cfg.step_dir("documents") / "train" / f"{name}.jsonl.zst"))
+                     if r.step == "split")
+        train_bytes += split.bytes_out
+    train_bytes = int(train_bytes * (1 - cfg.validation_fraction))
+    return min(1.0, 1.1 * cfg.tokenizer.train_bytes / train_bytes) if train_bytes else 1.0
 
 
 def _first_bytes(texts: Iterator[str], limit: int) -> Iterator[str]:
@@ -298,15 +318,17 @@ def _first_bytes(texts: Iterator[str], limit: int) -> Iterator[str]:
         yield text
 
 
-def _round_robin(paths: list[Path]) -> Iterator[str]:
-    """Texts from all shards in turn, so a byte budget samples every shard, not just the first."""
+def _round_robin(paths: list[Path], share: float = 1.0) -> Iterator[str]:
+    """Texts from all shards in turn, so a byte budget samples every shard, not just the first. With `share` < 1,
+    a document is kept when a hash of its id falls under it: an even, deterministic sample of the whole corpus
+    rather than its first files (a source tree read in path order would give a tokenizer of its first folders)."""
     readers = [read_docs(p) for p in paths if p.exists()]
     while readers:
         for reader in list(readers):
             doc = next(reader, None)
             if doc is None:
                 readers.remove(reader)
-            else:
+            elif share >= 1.0 or _unit_hash(doc["id"], "tokenizer") < share:
                 yield doc["text"]
 
 

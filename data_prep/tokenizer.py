@@ -72,6 +72,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from cli import error_line
 from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
+from data_prep.fast_bpe import fast_encoder
 
 if TYPE_CHECKING:  # imported where used: transformers brings torch, ~5 s a process that packing does without
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -324,6 +325,9 @@ class SavedTokenizer:
     """A saved tokenizer directory read with `tokenizers` alone: its ids, vocabulary and EOS id, all that packing
     and the pipeline's tokenizer step use, with the same values as `load_tokenizer`'s tokenizer. Those processes
     then never import transformers, and torch through it (~5 s each on 2 cores); training uses `load_tokenizer`.
+
+    `encode_documents` encodes with tiktoken when `data_prep.fast_bpe` finds that it reproduces this tokenizer's
+    ids exactly (3-4x faster per thread), else with `tokenizers`; `encoder` names the one chosen.
     """
 
     def __init__(self, path: str | Path):
@@ -339,6 +343,10 @@ class SavedTokenizer:
         eos = self.config.get("eos_token")  # saved as its text or as an AddedToken dict
         eos = eos.get("content") if isinstance(eos, dict) else eos
         self.eos_token_id = self.backend_tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+        self.fast_encode, why = fast_encoder(self.backend_tokenizer)
+        self.encoder = "tiktoken" if self.fast_encode else "tokenizers"
+        if self.fast_encode is None and isinstance(self.backend_tokenizer.model, models.BPE):
+            logger.warning("%s: encoding with tokenizers, not tiktoken: %s", self.path, why)
 
     def get_vocab(self) -> dict[str, int]:
         return self.backend_tokenizer.get_vocab(with_added_tokens=True)
@@ -420,8 +428,16 @@ def encode_documents(tokenizer: PreTrainedTokenizerFast | SavedTokenizer, texts:
     Special-token text inside a document ("<|endoftext|>" in a file about tokenizers) is encoded
     as ordinary text, so special ids in packed data come only from the packer. Lone surrogates
     (invalid in UTF-8) are encoded as U+FFFD. The call briefly switches a setting of the shared
-    backend, so one tokenizer object should not be used from several threads at once.
+    backend, so one tokenizer object should not be used from several threads at once. A `SavedTokenizer` whose
+    ids tiktoken reproduces encodes with tiktoken, one text at a time on this thread.
     """
+    fast = getattr(tokenizer, "fast_encode", None)
+    if fast is not None:
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"encode_documents: texts[{i}] must be str, got {type(text).__name__}")
+        return [fast(text if text.isascii() or not _LONE_SURROGATE.search(text) else _without_surrogates(text))
+                for text in texts]
     backend = tokenizer.backend_tokenizer
     if backend.truncation is not None or backend.padding is not None:
         # A previous `tokenizer(..., truncation=True)` call leaves truncation on; never cut documents.

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from data_prep.config import ConfigError, load_config
+from data_prep.io import read_docs
 from data_prep.pipeline import collect_reports, is_validation, run_pipeline
 from data_prep.token_dataset import PackedDataset
 
@@ -341,3 +342,49 @@ def test_a_given_tokenizer_is_copied_and_packs_exactly_as_when_it_was_trained(da
     report = json.loads((out / "tokenizer_report.json").read_text())
     assert report["source"] == str(trained) and report["trained_on_bytes"] is None
     assert report["vocab_size"] == 512
+
+
+def test_a_tokenizer_budget_smaller_than_the_corpus_samples_all_of_it_evenly(finished_run):
+    import dataclasses
+
+    from data_prep.pipeline import _round_robin, tokenizer_sample_share
+
+    cfg = finished_run[0]
+    files = sorted((Path(cfg.output_dir) / "documents" / "train").glob("*.jsonl.zst"))
+    everything = list(_round_robin(files))
+    total = sum(len(t.encode("utf-8")) for t in everything)
+    assert tokenizer_sample_share(cfg) == 1.0  # the default budget holds the whole corpus: every document
+    small = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, train_bytes=total // 4))
+    share = tokenizer_sample_share(small)
+    assert 0.2 < share < 0.4  # a quarter, with the margin and the held-out estimate
+    sample = list(_round_robin(files, share))
+    positions = [everything.index(text) for text in sample]
+    assert 0.1 < len(sample) / len(everything) < 0.5
+    assert positions == sorted(positions)  # the same order, a subset
+    assert max(positions) > 0.75 * len(everything) and min(positions) < 0.25 * len(everything)
+
+
+def test_a_tar_archive_packs_the_same_tokens_as_the_folder_it_was_made_from(corpus_dir, tmp_path):
+    import tarfile
+
+    folder = corpus_dir / "code"
+    archive = tmp_path / "code.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=f"code/{path.name}")
+    runs = {}
+    for name, paths in (("folder", [str(folder)]), ("archive", [str(archive)])):
+        source = {"name": "code", "paths": paths, "kind": "code", "extensions": [".py"]}
+        config = write_config(corpus_dir, tmp_path / name / "out", sources=[source], validation_fraction=0.0,
+                              num_shards=2, decontam={})
+        cfg = load_config(config)
+        reports = {r.step: r for r in run_pipeline(cfg)}
+        runs[name] = cfg, reports
+    (folder_cfg, folder_reports), (archive_cfg, archive_reports) = runs["folder"], runs["archive"]
+    assert archive_reports["read"].docs_out == folder_reports["read"].docs_out == len(list(folder.glob("*.py")))
+    first = next(read_docs(next((Path(archive_cfg.output_dir) / "documents" / "train").glob("*.jsonl.zst"))))
+    assert first["id"].startswith(f"{archive}:code/") and first["id"].endswith(".py")
+    for split_file in ("tokens/train/00000-of-00002.bin", "tokens/train/00001-of-00002.bin"):
+        assert (Path(folder_cfg.output_dir) / split_file).read_bytes() == \
+            (Path(archive_cfg.output_dir) / split_file).read_bytes()
+

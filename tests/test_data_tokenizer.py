@@ -12,6 +12,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from data_prep.config import ConfigError, TokenizerConfig
+from data_prep.fast_bpe import CHECK_SET
 from data_prep.tokenizer import (
     FIM_MIDDLE,
     FIM_PREFIX,
@@ -436,3 +437,97 @@ def test_a_given_tokenizer_that_cannot_be_used_is_refused_in_one_line(bpe_dir, t
     with pytest.raises(ConfigError, match="eos_token: missing or not in the vocabulary"):
         copy_tokenizer(no_eos, out)
     assert not out.exists()  # nothing written for a refused tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiktoken encoder: used only where it gives the same ids
+# ---------------------------------------------------------------------------------------------
+
+def reference_ids(folder: Path, texts: list[str]) -> list[list[int]]:
+    """The ids `tokenizers` gives, through the fallback path of `encode_documents`."""
+    slow = SavedTokenizer(folder)
+    slow.fast_encode = None
+    return encode_documents(slow, texts)
+
+
+def test_a_trained_bpe_encodes_with_tiktoken_and_gets_the_ids_tokenizers_gives(bpe_dir):
+    fast = SavedTokenizer(bpe_dir)
+    assert fast.encoder == "tiktoken"
+    rng = random.Random(0)
+    texts = (HARD_STRINGS + list(CHECK_SET) + stdlib_texts(400_000, held_out=True)
+             + [random_unicode(rng, 400) for _ in range(50)]
+             + ["lone \ud800 surrogate", "pair \ud83d\ude00 as two code points", "<|endoftext|><|pad|>"])
+    assert encode_documents(fast, texts) == reference_ids(bpe_dir, texts)
+
+
+def test_packed_shards_are_byte_identical_with_either_encoder(bpe_dir, tmp_path):
+    from data_prep.config import PackConfig
+    from data_prep.packing import pack_documents
+
+    rng = random.Random(1)
+    texts = stdlib_texts(300_000, held_out=True) + HARD_STRINGS + [random_unicode(rng, 300) for _ in range(30)]
+    docs = [{"text": t, "kind": "code" if i % 2 else "text", "source": "s"} for i, t in enumerate(texts)]
+    cfg = PackConfig(seq_len=128, batch_docs=7, fim_rate=0.5)  # FIM pieces are encoded separately
+    for name, fast in (("tiktoken", True), ("tokenizers", False)):
+        tokenizer = SavedTokenizer(bpe_dir)
+        if not fast:
+            tokenizer.fast_encode = None
+        pack_documents(docs, tokenizer, tmp_path / name / "shard", cfg)
+    for suffix in (".bin", ".idx.npy", ".json"):
+        a, b = (tmp_path / name / f"shard{suffix}" for name in ("tiktoken", "tokenizers"))
+        assert a.read_bytes() == b.read_bytes(), suffix
+
+
+def byte_level_bpe(extra_vocab: list[str], merges: list[tuple[str, str]], split: str = r"\p{L}+|\s+|[^\s\p{L}]+"):
+    """A byte-level BPE built by hand: the 256 byte tokens, then `extra_vocab` in id order."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(alphabet + extra_vocab)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def test_merges_tiktoken_would_apply_another_way_keep_tokenizers(tmp_path):
+    from data_prep.fast_bpe import fast_encoder
+
+    # "abc" is made from "ab" + "c", but "bc" merges first: tokenizers then stops at a + bc, while tiktoken would
+    # take "abc" whole. The two really differ on "abc"; the merge check sees it without encoding anything.
+    backend = byte_level_bpe(["bc", "ab", "abc"], [("b", "c"), ("a", "b"), ("ab", "c")])
+    assert backend.encode("abc").tokens == ["a", "bc"]
+    encode, why = fast_encoder(backend)
+    assert encode is None and "would build" in why
+    # The same vocabulary with consistent merges is accepted and matches.
+    good = byte_level_bpe(["ab", "bc", "abc"], [("a", "b"), ("b", "c"), ("ab", "c")])
+    encode, why = fast_encoder(good)
+    assert why == "" and encode("abc abcd bca") == good.encode("abc abcd bca").ids
+
+
+def test_a_split_tiktoken_runs_differently_is_caught_by_the_check_set_and_logged_once(tmp_path, caplog):
+    from data_prep.fast_bpe import fast_encoder
+
+    # Isolated splitting keeps the text between matches as pieces; tiktoken drops it. This regex leaves
+    # spaces and punctuation unmatched, so the structure passes and only encoding the check set shows it.
+    backend = byte_level_bpe(["ab"], [("a", "b")], split=r"\p{L}+")
+    encode, why = fast_encoder(backend)
+    assert encode is None and why.startswith("tiktoken's ids differ on the check text")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "ab"}), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="data_prep.tokenizer"):
+        saved = SavedTokenizer(folder)
+    assert saved.encoder == "tokenizers"
+    lines = [r.getMessage() for r in caplog.records if r.name == "data_prep.tokenizer"]
+    assert len(lines) == 1 and "encoding with tokenizers, not tiktoken: tiktoken's ids differ" in lines[0]
+    assert encode_documents(saved, ["ab, ab!"]) == [backend.encode("ab, ab!", add_special_tokens=False).ids]
+
+
+def test_unigram_and_wordpiece_keep_tokenizers_without_a_warning(unigram_dir, caplog):
+    with caplog.at_level("WARNING", logger="data_prep.tokenizer"):
+        assert SavedTokenizer(unigram_dir).encoder == "tokenizers"
+    assert not caplog.records
