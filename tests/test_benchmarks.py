@@ -144,3 +144,41 @@ def test_bench_pipeline_engines_runs_and_writes_json(tmp_path):
     assert ray_run["identical_outputs"] is True
     assert ray_run["local"]["seconds"] > 0 and ray_run["ray"]["seconds"] > 0
     assert "load_1m_at_start" in report and report["machine"]["cores_available"] >= 1
+
+
+def test_bench_data_scaling_runs_every_part_on_a_small_archive(tmp_path):
+    """The scaling benchmark on a small archive in the kernel's place: both pipelines per slice with their step
+    curves and dedup agreement, tokenize + pack against the tokenizer library, and linux.yaml run as a user runs it,
+    killed with SIGKILL part way and resumed to byte-identical outputs."""
+    import sysconfig
+    import tarfile
+
+    archive = tmp_path / "linux-small.tar.xz"
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    with tarfile.open(archive, "w:xz") as tar:
+        for path in sorted(stdlib.glob("*.py"))[:60]:  # .py is one of linux.yaml's code extensions
+            tar.add(path, arcname=f"linux/lib/{path.name}")
+        tar.add(stdlib / "LICENSE.txt", arcname="linux/Documentation/license.txt")
+    output = tmp_path / "scaling.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_data_scaling.py"), "--archive", str(archive),
+         "--sizes", "300000", "0", "--rounds", "1", "--work", str(tmp_path / "work"), "--output", str(output)],
+        capture_output=True, text=True, timeout=900, cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    record = json.loads(output.read_text())
+    engines = record["engines"]
+    assert set(engines) == {"0.3MB", "all"} and engines["0.3MB"]["documents"] < engines["all"]["documents"] == 60
+    run = engines["all"]["rounds"][0]
+    for engine in ("ember", "datatrove"):
+        assert run[engine]["tokens"] > 0 and run[engine]["tree_rss_mb"] > 0 and run[engine]["cpu_s"] > 0
+    assert set(run["ember"]["steps"]) == {"filter", "dedup", "split", "tokenizer", "pack"}
+    assert "minhash_signatures" in run["datatrove"]["steps"]
+    agreement = run["dedup_agreement"]
+    assert agreement["both"] + agreement["only_ember"] == agreement["ember"]
+    tokenize = record["tokenize"]
+    assert tokenize["encoder"] == "tiktoken" and tokenize["ember_mb_per_s"] > 0
+    assert set(tokenize["pack_step_s"]) == {"1", "2"}
+    user = record["user"]
+    assert user["records"]["balanced"] and user["tokens_train"]["num_tokens"] > 0
+    assert user["kill_resume"]["byte_identical"] is True and user["kill_resume"]["files_compared"] > 10
