@@ -63,6 +63,15 @@ _PHONE = re.compile(
     r")(?![\w]|[.-]\d)"
 )
 
+# Necessary parts of the rules above (see PIIRedactor): the first domain label after "@"; the middle of a dotted
+# quad; two colons with at most four hex digits between; 13 digits with separators; a phone's "+", "(ddd)" or
+# ddd-ddd-dddd.
+_EMAIL_HINT = re.compile(r"@[A-Za-z0-9][A-Za-z0-9-]*\.")
+_IPV4_HINT = re.compile(r"\.\d{1,3}\.\d{1,3}\.")
+_IPV6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
+_CARD_HINT = re.compile(r"[3-6]\d{3}(?:[ -]?\d){9}")
+_PHONE_HINT = re.compile(r"\+\d|\(\d{3}\)|\d{3}[ .-]\d{3}[ .-]\d{4}")
+
 
 def luhn_valid(digits: str) -> bool:
     """The checksum every payment card number carries in its last digit."""
@@ -82,20 +91,23 @@ class PIIRedactor:
         self.cfg = cfg
         # (counter key, placeholder, pattern, validator) in the order they run: e-mails first so their
         # digits are gone before the number patterns look; cards before phones, which are shorter.
-        self._rules: list[tuple[str, str, re.Pattern, Callable[[str], bool] | None]] = []
+        # Each rule carries a hint: a pattern every match contains, led by a literal or a character class so that
+        # the engine skips ahead to candidates; a text without it skips the rule, whose leading lookbehind makes the
+        # engine try every position (~30 ns a character per rule).
+        self._rules: list[tuple[str, str, re.Pattern, Callable[[str], bool] | None, re.Pattern]] = []
         if not cfg.enabled:
             return
         if cfg.emails:
-            self._rules.append(("pii/email", EMAIL, _EMAIL, None))
+            self._rules.append(("pii/email", EMAIL, _EMAIL, None, _EMAIL_HINT))
         if cfg.ip_addresses:
             # IPv6 first: its IPv4-mapped form (::ffff:192.0.2.1) ends in a dotted address.
             public = _is_public_ip if cfg.public_ips_only else None
-            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV6, _both(_is_ipv6, public)))
-            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV4, public))
+            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV6, _both(_is_ipv6, public), _IPV6_HINT))
+            self._rules.append(("pii/ip_address", IP_ADDRESS, _IPV4, public, _IPV4_HINT))
         if cfg.card_numbers:
-            self._rules.append(("pii/card_number", CARD_NUMBER, _CARD, _is_card_number))
+            self._rules.append(("pii/card_number", CARD_NUMBER, _CARD, _is_card_number, _CARD_HINT))
         if cfg.phones:
-            self._rules.append(("pii/phone", PHONE, _PHONE, _is_phone_number))
+            self._rules.append(("pii/phone", PHONE, _PHONE, _is_phone_number, _PHONE_HINT))
 
     @property
     def enabled(self) -> bool:
@@ -103,7 +115,9 @@ class PIIRedactor:
 
     def redact(self, text: str) -> tuple[str, Counter]:
         counts: Counter = Counter()
-        for key, placeholder, pattern, is_valid in self._rules:
+        for key, placeholder, pattern, is_valid, hint in self._rules:
+            if not hint.search(text):
+                continue
 
             def replace(match: re.Match, key: str = key, placeholder: str = placeholder, is_valid=is_valid) -> str:
                 if is_valid is not None and not is_valid(match.group(0)):

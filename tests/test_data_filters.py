@@ -491,3 +491,56 @@ def test_an_optional_package_that_is_missing_is_a_one_line_error(monkeypatch, ra
     with pytest.raises(ConfigError, match=rf"^{key}: needs the .* package, which is not installed "
                                           rf"\(pip install -e '\.\[{extra}\]'\)$"):
         QualityFilters(cfg.filters)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths decide exactly what the plain rules decide
+# ---------------------------------------------------------------------------------------------
+
+def random_texts(alphabet: str, count: int = 400, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) for _ in range(count)]
+
+
+def test_fast_alphanumeric_and_encoded_counts_equal_the_plain_rules():
+    import base64
+    import random
+
+    from data_prep.filters import _ENCODED_BLOB, alphanumeric_count, encoded_count
+
+    rng = random.Random(1)
+    texts = random_texts("abcXYZ019+/=_ \n\t,.0x\\é中ß٣Ⅻ", seed=2) + [
+        "A" * 63, "A" * 64, "A" * 64 + "==", "é" + "B" * 70, "0x12, " * 15, "0x12, " * 16, "0X1f ,\n" * 20,
+        "\\x41" * 15, "\\x41" * 16, "x = b'" + "\\x00" * 40 + "'", base64.b64encode(rng.randbytes(300)).decode(),
+        Path(json.__file__).read_text(encoding="utf-8"), "lone \ud800 surrogate " + "Q" * 80]
+    for text in texts:
+        assert alphanumeric_count(text) == sum(c.isalnum() for c in text), text[:40]
+        assert encoded_count(text) == sum(len(m) for m in _ENCODED_BLOB.findall(text)), text[:40]
+
+
+def test_every_pii_match_contains_its_rules_hint_so_skipping_on_no_hint_changes_nothing():
+    redactor = PIIRedactor(PIIConfig(public_ips_only=False))
+    texts = random_texts("0123456789.:-+() @abfAF.x\n", count=3000, seed=3) + [
+        "mail jane.doe@example.org now", "a@b.1c.org", "8.8.8.8", "::1", "fe80::1:2", "::ffff:192.0.2.1",
+        "4111 1111 1111 1111", "+44 20 7946 0958", "(555) 123-4567", "555.123.4567"]
+    matched = {key: 0 for key, *_ in redactor._rules}
+    for text in texts:
+        for key, _, pattern, _, hint in redactor._rules:
+            if pattern.search(text):
+                matched[key] += 1
+                assert hint.search(text), (key, text)
+    assert all(matched.values()), matched  # every rule met text it matches
+
+
+def test_trailing_whitespace_removal_equals_the_line_end_regex():
+    import re
+
+    from data_prep.clean import normalize_whitespace
+
+    line_end = re.compile(r"[^\S\n]+$", re.MULTILINE)
+    for text in random_texts("ab \t\n\x0b\x0c\x1c\x85\u00a0\u2028\u3000", seed=4):
+        expected = line_end.sub("", text)
+        expected = re.sub(r"\n{4,}", "\n\n", expected).lstrip("\n").rstrip()
+        assert normalize_whitespace(text, "code") == expected, repr(text)
