@@ -193,7 +193,7 @@ def make_slices(work: Path, sizes: list[float], archive: Path) -> dict[str, dict
     """Write each slice once (2 JSON-lines.zst files); returns {name: {path, bytes, documents}}."""
     import zstandard
 
-    from data_prep.config import load_config
+    from data_prep.config import CODE_EXTENSIONS, load_config
     from data_prep.sources import read_archive
 
     slices = {slice_name(size): work / "slices" / slice_name(size) for size in sizes}
@@ -202,9 +202,10 @@ def make_slices(work: Path, sizes: list[float], archive: Path) -> dict[str, dict
     todo = [name for name in slices if info.get(name, {}).get("archive") != str(archive)]
     if not todo:
         return info
-    code = load_config(LINUX_CONFIG).sources[0]  # the same code files linux.yaml reads
+    kernel = load_config(LINUX_CONFIG).sources[0]  # the code files linux.yaml reads
+    code = [e for e in kernel.extensions if e.lower() in map(str.lower, CODE_EXTENSIONS)]
     members = [(where, text) for where, text, _, reason in
-               read_archive(archive, 10_000_000, code.extensions) if not reason and text is not None]
+               read_archive(archive, 10_000_000, code) if not reason and text is not None]
     members = [(where.split(":", 1)[1], text) for where, text in members]
     total = sum(len(text.encode()) for _, text in members)
     for name in todo:
@@ -525,7 +526,7 @@ def user(args: argparse.Namespace, work: Path) -> dict:
     runs = work / "runs"
     command = [sys.executable, "-m", "data_prep", "run", "--config", str(LINUX_CONFIG), f"--workers={args.workers}"]
     if args.archive != kernel_archive_or_none():  # another archive in the kernel's place (the tests' small one)
-        command += [f"--sources.{i}.paths=[{args.archive}]" for i in range(2)]
+        command.append(f"--sources.0.paths=[{args.archive}]")
     whole, killed = runs / "user-whole", runs / "user-killed"
     for folder in (whole, killed):
         shutil.rmtree(folder, ignore_errors=True)

@@ -16,7 +16,15 @@ from typing import Any, Literal
 
 from cli import ConfigError, parse_args
 
-KINDS = ("text", "code")  # what a source holds; it picks the filters and cleaning rules
+KINDS = ("text", "code")  # what a document is; it picks the filters and cleaning rules
+# `kind: auto` decides per file from its name: these extensions are code, every other file is text (compared
+# without case: `.s` is also `.S`).
+CODE_EXTENSIONS = (
+    ".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".hxx", ".m", ".mm", ".s", ".asm", ".rs", ".go", ".py",
+    ".pyi", ".pyx", ".java", ".kt", ".scala", ".cs", ".fs", ".swift", ".js", ".mjs", ".ts", ".jsx", ".tsx", ".rb",
+    ".php", ".pl", ".pm", ".lua", ".r", ".jl", ".hs", ".ml", ".ex", ".erl", ".clj", ".dart", ".sh", ".bash", ".zsh",
+    ".ps1", ".sql", ".cmake", ".mk", ".dts", ".dtsi", ".v", ".sv", ".vhd", ".cu", ".cuh", ".f90", ".zig", ".nim",
+)
 
 
 def _require_at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
@@ -48,7 +56,8 @@ class SourceConfig:
     text_field: str = "text"
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".py", ".rst"])
     members: list[str] = field(default_factory=list)
-    kind: Literal["text", "code"] = "text"
+    # `auto`: each file (or archive member) by its extension, code for CODE_EXTENSIONS, text otherwise.
+    kind: Literal["text", "code", "auto"] = "text"
     weight: float = 1.0
     stage: int = 0
     max_docs: int | None = None
@@ -364,6 +373,9 @@ class PipelineConfig:
                 raise ConfigError(f"sources.{i}.path: a hub source needs a dataset name or folder")
             if source.type == "local" and not source.paths:
                 raise ConfigError(f"sources.{i}.paths: a local source needs at least one path")
+            if source.kind == "auto" and source.type != "local":
+                raise ConfigError(f"sources.{i}.kind: auto picks the kind from file names, which only a local "
+                                  f"source has; set text or code")
             if source.max_docs is not None and source.max_docs < 1:
                 raise ConfigError(f"sources.{i}.max_docs: must be >= 1 (leave it out for no limit), "
                                   f"got {source.max_docs}")

@@ -34,7 +34,7 @@ from typing import Any, BinaryIO
 import datasets
 import zstandard
 
-from data_prep.config import ConfigError, MixtureConfig, SourceConfig
+from data_prep.config import CODE_EXTENSIONS, ConfigError, MixtureConfig, SourceConfig
 from data_prep.report import StepReport
 
 RECORD_FEATURES = datasets.Features({
@@ -56,8 +56,9 @@ TEXT_SNIFF_BYTES = 8192
 
 
 def _has_suffix(path: Path, suffixes: tuple[str, ...] | list[str]) -> bool:
+    """Case-insensitive: `.S` selects `entry.S` and `.py` selects `SETUP.PY`."""
     name = path.name.lower()
-    return any(name.endswith(s) for s in suffixes)
+    return any(name.endswith(s.lower()) for s in suffixes)
 
 
 def scan_paths(source: SourceConfig) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -339,10 +340,10 @@ def read_archive(path: Path, max_doc_bytes: int, extensions: list[str] | None = 
                     where = f"{path}:{last}"
                     if not info.isfile():
                         yield where, None, 0, "link_member" if info.islnk() or info.issym() else "special_member"
-                    elif extensions is not None and not _has_suffix(Path(last), extensions):
-                        yield where, None, 0, "other_extension"
                     elif members and not any(fnmatch.fnmatchcase(last, pattern) for pattern in members):
                         yield where, None, 0, "unselected_member"
+                    elif extensions is not None and not _has_suffix(Path(last), extensions):
+                        yield where, None, 0, "other_extension"
                     elif info.size > max_doc_bytes:
                         yield where, None, info.size, "oversized_document"
                     elif info.size == 0:
@@ -413,15 +414,22 @@ def _records(source: SourceConfig, shard_index: int, num_shards: int,
     for file_index, path in enumerate(files):
         if by_file and file_index % n != k:
             continue
-        any_record = False
+        any_record, archive = False, is_archive(path)
         for rec in read_file(path, source.text_field, max_doc_bytes, source.extensions, source.members):
             any_record = True
             owned = by_file or record_index % n == k
             record_index += 1
             if owned:
-                yield (*rec, source.kind)
+                yield (*rec, _kind(source, rec[0][len(str(path)) + 1:] if archive else path.name))
         if not any_record and (by_file or k == 0):
-            yield str(path), None, 0, "empty_file", source.kind
+            yield str(path), None, 0, "empty_file", _kind(source, path.name)
+
+
+def _kind(source: SourceConfig, name: str) -> str:
+    """The kind of a document read from the file (or archive member) called `name`."""
+    if source.kind != "auto":
+        return source.kind
+    return "code" if _has_suffix(Path(name), CODE_EXTENSIONS) else "text"
 
 
 def _hub_records(source: SourceConfig, k: int, n: int) -> Iterator[tuple[str, str | None, int, str, str]]:

@@ -365,8 +365,8 @@ def test_member_globs_select_members_and_the_rest_are_passed_over_not_fatal(tmp_
                           members=["*/Documentation/*"])
     docs, report = read([source], strict=True)  # passing over members is not bad input
     assert [d["id"] for d in docs] == [f"{archive}:linux/Documentation/fs.rst"]
-    # The regular .c members outside Documentation/, the .h and the Makefile, the links and the fifo.
-    assert report.removed == Counter(unselected_member=5, other_extension=2, link_member=2, special_member=1)
+    # The globs first: every regular member outside Documentation/ (5 .c, the .h, the Makefile), the links and the fifo.
+    assert report.removed == Counter(unselected_member=7, link_member=2, special_member=1)
 
 
 @pytest.mark.parametrize("suffix", ARCHIVE_FORMATS)
@@ -413,3 +413,27 @@ def test_member_names_that_are_not_utf8_become_escapes(tmp_path):
         out.addfile(info, io.BytesIO(b"hello"))
     docs, _ = read([SourceConfig(name="s", paths=[str(tar)])])
     assert [d["id"] for d in docs] == [f"{tar}:caf\\xe9.txt"] and docs[0]["text"] == "hello"
+
+
+def test_kind_auto_makes_code_files_code_and_the_rest_text_in_folders_and_archives(tmp_path):
+    tree = tmp_path / "repo"
+    (tree / "src").mkdir(parents=True)
+    (tree / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    (tree / "src" / "entry.S").write_text("mov %eax, %ebx\n")  # upper-case extensions match without case
+    (tree / "README.md").write_text("# A project\n")
+    (tree / "notes.txt").write_text("some notes\n")
+    archive = write_archive(tmp_path / "repo.tar.gz", [("repo/x.py", b"x = 1\n"), ("repo/doc.rst", b"Title\n")])
+    source = SourceConfig(name="s", paths=[str(tree), str(archive)], kind="auto",
+                          extensions=[".c", ".S", ".md", ".txt", ".py", ".rst"])
+    docs, report = read([source])
+    kinds = {d["id"].rsplit("/", 1)[-1].removesuffix(":1"): d["kind"] for d in docs}
+    assert kinds == {"README.md": "text", "notes.txt": "text", "main.c": "code", "entry.S": "code", "x.py": "code",
+                     "doc.rst": "text"}
+    assert not report.removed
+
+
+def test_kind_auto_needs_a_local_source():
+    from data_prep.config import load_config
+
+    with pytest.raises(ConfigError, match=r"^sources\.0\.kind: auto picks the kind from file names"):
+        load_config(raw={"output_dir": "out", "sources": [{"name": "h", "type": "hub", "path": "x", "kind": "auto"}]})
