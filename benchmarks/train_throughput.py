@@ -340,8 +340,12 @@ def run_row(name: str, variant: Variant, batch_size: int, setup: dict[str, Any],
     row: dict[str, Any] = {"model": name, "variant": variant.label, "settings": dataclasses.asdict(variant),
                            "batch_size": batch_size, "seq_len": seq_len, "steps": args.steps,
                            "warmup_steps": args.warmup_steps}
+    # One process, no accumulation: the Trainer frees the gradients every step. With position_ids, batches that
+    # pack several documents give sdpa and eager a mask.
     memory = sizing.memory_per_gpu(setup["config"], 1, "ddp", batch_size, seq_len, variant.activation_checkpointing,
-                                   param_bytes=2 if device == "cuda" else 4, flash_attention=variant.attn != "eager")
+                                   param_bytes=2 if device == "cuda" else 4, flash_attention=variant.attn != "eager",
+                                   attention_mask=variant.position_ids and variant.attn in ("sdpa", "eager"),
+                                   gradients_persist=False)
     row["estimated_memory_gib"] = memory["total"] / 2**30
     reason = unavailable_reason(name, variant, device)
     if reason:

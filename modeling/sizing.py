@@ -1,8 +1,11 @@
 """Back-of-the-envelope sizing for Ember models: parameters, training FLOPs, wall-clock time, GPU memory.
 
 Everything here is closed-form arithmetic on an `EmberConfig`; no model is built. The parameter count is
-exact (the tests check it against `EmberForCausalLM(config).parameters()`); the FLOP, time and memory
-figures are the standard estimates from the literature, with their assumptions stated where they are used.
+exact (the tests check it against `EmberForCausalLM(config).parameters()`); the FLOP and time figures are
+the standard estimates from the literature, with their assumptions stated where they are used. The memory
+figures are counted tensor by tensor from what Ember's block stores; the tests check them against the
+tensors autograd saves and against the peak of torch's allocations in real training steps, and
+benchmarks/bench_sizing_cpu.py checks time and memory against measured steps up to the 125m preset.
 
 Command line::
 
@@ -156,14 +159,35 @@ def training_flops_6nd(config: EmberConfig, tokens: float, activation_recompute:
 
 
 def training_time(
-    config: EmberConfig, tokens: float, num_gpus: int, peak_flops_per_gpu: float, mfu: float, seq_len: int
+    config: EmberConfig, tokens: float, num_gpus: int, peak_flops_per_gpu: float, mfu: float, seq_len: int,
+    activation_bandwidth: float | None = None, param_bytes: int = 2, flash_attention: bool = True,
+    attention_mask: bool = False,
 ) -> float:
-    """Seconds to train on `tokens`: model FLOPs / (num_gpus x peak x MFU).
+    """Seconds to train on `tokens`: model FLOPs / (num_gpus x peak x MFU), plus the memory-bound work if
+    `activation_bandwidth` is given.
 
     MFU (model FLOPs utilisation, PaLM appendix B) counts model FLOPs only, so the recomputation overhead
     is not added here: a run that recomputes simply reaches a lower MFU.
+
+    With FLOPs alone, an MFU measured on a small model overestimates a bigger model's time (and one from
+    a big model underestimates a small one's): besides the matmuls and the attention kernel a step runs
+    elementwise work (norms, RoPE, SwiGLU, residual adds, their gradients, the optimizer) whose time
+    follows the bytes it streams, not FLOPs, and its share of the step shrinks as the width grows. On the
+    2-core CPU of benchmarks/bench_sizing_cpu.py it took about a fifth of the nano preset's step and a
+    tenth of the 125m's, at a roughly constant rate per byte of the activations stored for backward;
+    calibrated on nano, FLOPs alone overestimated the 28 M and 125m steps by 15-21%, the two terms below
+    by 6-9%. With `activation_bandwidth` (bytes per second per device of those activations: a device's
+    effective rate for this work, which the benchmark measures) the time adds tokens x
+    `activation_bytes_per_token` (L layers plus the final norm, for `param_bytes`, `flash_attention` and
+    `attention_mask`) / (num_gpus x activation_bandwidth), and `mfu` is then the efficiency of the matmul
+    and attention kernels alone.
     """
-    return training_flops(config, tokens, seq_len) / (num_gpus * peak_flops_per_gpu * mfu)
+    seconds = training_flops(config, tokens, seq_len) / (num_gpus * peak_flops_per_gpu * mfu)
+    if activation_bandwidth:
+        per_token = activation_bytes_per_token(config, seq_len, param_bytes, flash_attention, attention_mask)
+        stored = config.num_hidden_layers * per_token["layer"] + per_token["final"]
+        seconds += tokens * stored / (num_gpus * activation_bandwidth)
+    return seconds
 
 
 def format_duration(seconds: float) -> str:
@@ -180,45 +204,128 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
+def activation_bytes_per_token(config: EmberConfig, seq_len: int, param_bytes: int = 2,
+                               flash_attention: bool = False, attention_mask: bool = False) -> dict[str, float]:
+    """Bytes autograd keeps for the backward pass, per token: one decoder layer's, and the final norm's.
+
+    Counted tensor by tensor from what Ember's block stores (pre-norm, RMSNorm, RoPE, GQA, SwiGLU), as
+    Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") do for a
+    GPT block; their 34·h + 5·a·s bytes assume 16-bit activations everywhere, a 4h GELU MLP and dropout,
+    none of which holds here. h is the width, q and k the query and key/value widths (heads x head_dim),
+    i the MLP width, a the query heads, s the sequence length.
+
+    fp32 (`param_bytes=4`), 4 bytes a value:
+
+    - residual stream, the layer input and the sum after attention: 2h;
+    - each RMSNorm, its normalised input and its weighted output: 2h (LayerNorm: its output, h);
+    - fused attention (SDPA, flash): the query after RoPE, key, value and output, 2q + 2k. With a mask
+      transformers repeats the key/value heads to the query heads for SDPA, 2q + 2q (with a single
+      K/V head the repeat is a view);
+    - eager attention: query, repeated key and value and the output's contiguous copy, 4q, plus the
+      softmax probabilities, a·s, always fp32;
+    - gated MLP: gate, its activation, up and their product, 4i (plain MLP: up and its activation, 2i);
+      MoE: per routed copy of a token (`num_experts_per_tok`), its input, gate and up, activation,
+      product and output, 2h + 4i, fp32 in both precisions (the experts' grouped matmuls are not cast);
+    - `attention_mask` with a fused kernel: SDPA converts the boolean (b, 1, s, s) mask to the query's
+      dtype in every layer and keeps it: s per token and layer. Eager adds the mask, storing nothing.
+
+    Mixed precision (`param_bytes=2`, bf16/fp16 autocast): matmuls and SDPA store 16-bit values, but the
+    residual stream stays fp32 (embedding outputs are fp32 and fp32 + 16-bit promotes), RMSNorm
+    normalises in fp32, and autocast casts a norm's fp32 output once per matmul that reads it (q, k, v;
+    gate, up). So: residual 2 x 4h; per RMSNorm 4h plus 2h per reading matmul (LayerNorm: the casts
+    only); fused attention 2 x (2q + 2k); eager 2 x 4q plus the probabilities in fp32 and their 16-bit
+    copy, 6·a·s; gated MLP 2 x 4i; the mask, 2s. With pure 16-bit weights (DeepSpeed bf16) the residual
+    is 16-bit but the norms upcast, which comes to a few percent more.
+
+    The final norm stores its input and what its norm stores (read by lm_head alone). Left out, each
+    under 2% here: the RoPE tables (8·head_dim bytes per token, shared by the layers), norm statistics,
+    attention log-sum-exp and the token ids. Counted as the pre-norm block: the sandwich, post and
+    DeepNorm placements, QK-norm and dropout.
+    """
+    h, i, a, n_kv = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads
+    q = a * config.head_dim
+    key = value_width = n_kv * config.head_dim
+    if attention_mask and flash_attention and n_kv < a:  # transformers repeats the K/V heads for a masked SDPA
+        if n_kv > 1:
+            key = value_width = q
+        elif param_bytes < 4:  # one K/V head: the repeat is a stride-0 view, but autocast's cast copies the key
+            key = q
+    rms = config.norm_type != "layernorm"
+    if param_bytes >= 4:
+        value, probabilities = 4, 4 * a * seq_len
+
+        def norm(readers: int) -> int:
+            return 4 * h * (2 if rms else 1)
+    else:
+        value, probabilities = 2, 6 * a * seq_len
+
+        def norm(readers: int) -> int:
+            return (4 * h if rms else 0) + 2 * h * readers
+    attention = value * (2 * q + key + value_width) if flash_attention else value * 4 * q + probabilities
+    if config.is_moe:
+        mlp, mlp_readers = config.num_experts_per_tok * 4 * (2 * h + 4 * i), 1
+    else:
+        mlp, mlp_readers = (value * 4 * i, 2) if config.is_gated_mlp else (value * 2 * i, 1)
+    mask = value * seq_len if attention_mask and flash_attention else 0
+    layer = 2 * 4 * h + norm(3) + norm(mlp_readers) + attention + mlp + mask
+    final = 4 * h + norm(1)
+    return {"layer": float(layer), "final": float(final)}
+
+
 def memory_per_gpu(
     config: EmberConfig, num_gpus: int, strategy: str = "ddp", micro_batch_size: int = 1, seq_len: int = 2048,
     activation_checkpointing: bool = False, param_bytes: int = 2, flash_attention: bool = False,
+    attention_mask: bool = False, gradients_persist: bool = True,
 ) -> dict[str, float]:
-    """Estimated bytes per GPU for data-parallel training with Adam: params, grads, optimizer, activations.
+    """Estimated peak bytes per GPU for data-parallel training with Adam: params, grads, optimizer, activations.
 
     Model state follows ZeRO (Rajbhandari et al. 2019): mixed-precision Adam keeps 16 bytes per parameter,
     2 for the bf16/fp16 weights, 2 for their gradients and 12 for the fp32 master weights, momentum and
     variance (with `param_bytes=4`, plain fp32 training, there is no master copy: 4 + 4 + 8). ZeRO-1 shards
-    the optimizer state over `num_gpus`, ZeRO-2 the gradients as well, ZeRO-3 the weights too.
+    the optimizer state over `num_gpus`, ZeRO-2 the gradients as well, ZeRO-3 the weights too. (The
+    Trainer's bf16 autocast instead keeps fp32 weights and gradients, 4 + 4 + 8, plus a bf16 copy of
+    every matrix during the step: 18 bytes per parameter.)
 
-    Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
-    Models"): per layer s·b·h·(34 + 5·a·s/h) bytes (s sequence, b micro-batch, h width, a heads), for 16-bit
-    activations, no tensor or sequence parallelism, a GPT-style block. 5·a·s/h is the s x s attention scores,
-    softmax and dropout mask; flash / memory-efficient SDPA kernels never store them (`flash_attention=True`
-    drops the term). With full activation checkpointing only each layer's 16-bit input, 2·s·b·h, is kept
-    (plus one layer's worth being recomputed, ignored here). Activations are not sharded by ZeRO.
+    Activations: `activation_bytes_per_token` per layer and token, times s·b·L, plus the final norm's.
+    `flash_attention`: a fused kernel (SDPA, flash-attention) that never stores the s x s scores; False
+    means eager attention. `attention_mask`: a (b, 1, s, s) mask reaches the attention, as when packed
+    rows keep documents apart through `position_ids` under SDPA or eager (the recipes' default; a batch
+    without a document boundary gets no mask); flash-attention's variable-length path takes none. With
+    full activation checkpointing each layer keeps only its fp32 input, 4·s·b·h, plus the one layer being
+    recomputed in the backward pass. Activations are not sharded by ZeRO.
 
-    `logits` is the b·s·V fp32 tensor the loss upcasts to; at small widths and large vocabularies it rivals
-    the whole layer stack. Not counted: temporary buffers, communication buckets, allocator fragmentation.
+    `logits`: 12·b·s·V. The loss upcasts the logits to fp32, and at the start of the backward pass three
+    fp32 b x s x V tensors are alive at once, the log-softmax output the loss kept, its gradient and the
+    logits' gradient; at small widths and large vocabularies this rivals the whole layer stack.
+
+    The peak, "total": the state plus the activations and logits, which peak when the backward pass
+    starts. `gradients_persist=True` counts the gradients there too: DDP's buckets, sharded gradients
+    and gradient accumulation keep them through the forward pass. With one device, no accumulation and
+    `zero_grad(set_to_none=True)` (the Trainer's) they are freed every step and fill up only as the
+    activations are freed, so the peak is the state plus the larger of the two. Not counted: temporary
+    buffers, communication buckets beyond the gradients, allocator fragmentation, the CUDA context.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
     n_params = count_parameters(config)
     stage = STRATEGIES.index(strategy)  # 0 = DDP, then the ZeRO stage
     optimizer_bytes = 8 + (4 if param_bytes < 4 else 0)
-    s, b, h = seq_len, micro_batch_size, config.hidden_size
+    tokens = seq_len * micro_batch_size
+    per_token = activation_bytes_per_token(config, seq_len, param_bytes, flash_attention, attention_mask)
     if activation_checkpointing:
-        per_layer = 2 * s * b * h
+        activations = tokens * (config.num_hidden_layers * 4 * config.hidden_size + per_token["layer"])
     else:
-        per_layer = s * b * h * (34 + (0 if flash_attention else 5 * config.num_attention_heads * s / h))
+        activations = tokens * config.num_hidden_layers * per_token["layer"]
     memory = {
         "params": n_params * param_bytes / (num_gpus if stage >= 3 else 1),
         "grads": n_params * param_bytes / (num_gpus if stage >= 2 else 1),
         "optimizer": n_params * optimizer_bytes / (num_gpus if stage >= 1 else 1),
-        "activations": float(config.num_hidden_layers * per_layer),
-        "logits": float(b * s * config.vocab_size * 4),
+        "activations": float(activations + tokens * per_token["final"]),
+        "logits": float(12 * tokens * config.vocab_size),
     }
-    memory["total"] = sum(memory.values())
+    step = memory["activations"] + memory["logits"]
+    state = memory["params"] + memory["optimizer"]
+    memory["total"] = state + (memory["grads"] + step if gradients_persist else max(memory["grads"], step))
     return memory
 
 
@@ -232,21 +339,35 @@ class SizingArguments:
     gpu: str = field(default="H100", metadata={"help": f"one of {list(PEAK_FLOPS)}"})
     peak_tflops: float | None = field(default=None, metadata={"help": "dense peak per GPU, overrides gpu's entry"})
     mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation, 0-1"})
+    activation_gbps: float | None = field(default=None, metadata={
+        "help": "GB/s of stored activations the memory-bound work gets through per GPU (measured as in "
+                "benchmarks/bench_sizing_cpu.py); adds that time, and mfu then covers the matmul and attention "
+                "kernels alone"})
     micro_batch_size: int = 1
     activation_checkpointing: bool = False
-    flash_attention: bool = field(default=False, metadata={"help": "drop the stored s x s attention scores"})
+    flash_attention: bool = field(default=False, metadata={
+        "help": "a fused attention kernel (sdpa, flash_attention_2), which stores no s x s scores; false: eager"})
+    attention_mask: bool = field(default=False, metadata={
+        "help": "a (b, 1, s, s) mask reaches the attention: packed documents kept apart by position_ids under "
+                "sdpa or eager (the recipes' default)"})
+    param_bytes: int = field(default=2, metadata={"help": "2: bf16/fp16 mixed precision, 4: fp32 training"})
+    gradients_persist: bool = field(default=True, metadata={
+        "help": "gradients alive through the forward pass (DDP, ZeRO, gradient accumulation); false: one device "
+                "that frees them every step"})
     json: bool = field(default=False, metadata={"help": "print JSON instead of a table"})
 
 
 def build_report(args: SizingArguments) -> dict:
     if args.preset not in PRESETS:
         raise ConfigError(f"preset: unknown name {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for key in ("num_gpus", "micro_batch_size", "seq_len", "tokens"):
+    for key in ("num_gpus", "micro_batch_size", "seq_len", "tokens", "activation_gbps"):
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     if not 0 < args.mfu <= 1:
         raise ConfigError(f"mfu: must be in (0, 1], got {args.mfu}")
+    if args.param_bytes not in (2, 4):
+        raise ConfigError(f"param_bytes: must be 2 (mixed precision) or 4 (fp32), got {args.param_bytes}")
     known = {f.name for f in dataclasses.fields(EmberConfig)}
     unknown = sorted(set(args.model_overrides) - known)
     if unknown:
@@ -260,11 +381,14 @@ def build_report(args: SizingArguments) -> dict:
         raise ConfigError(f"gpu: unknown device {args.gpu!r}; choose one of {list(PEAK_FLOPS)} or give peak_tflops")
     seq_len = args.seq_len or config.max_position_embeddings
     tokens = args.tokens if args.tokens is not None else CHINCHILLA_TOKENS_PER_PARAM * count_parameters(config)
-    seconds = training_time(config, tokens, args.num_gpus, peak, args.mfu, seq_len)
+    seconds = training_time(config, tokens, args.num_gpus, peak, args.mfu, seq_len,
+                            args.activation_gbps * 1e9 if args.activation_gbps else None, args.param_bytes,
+                            args.flash_attention, args.attention_mask)
     memory = {
         strategy: memory_per_gpu(
-            config, args.num_gpus, strategy, args.micro_batch_size, seq_len,
-            args.activation_checkpointing, flash_attention=args.flash_attention,
+            config, args.num_gpus, strategy, args.micro_batch_size, seq_len, args.activation_checkpointing,
+            param_bytes=args.param_bytes, flash_attention=args.flash_attention, attention_mask=args.attention_mask,
+            gradients_persist=args.gradients_persist,
         )
         for strategy in STRATEGIES
     }
@@ -276,8 +400,9 @@ def build_report(args: SizingArguments) -> dict:
         "training_flops_recompute": training_flops(config, tokens, seq_len, activation_recompute=True),
         "training_flops_6nd": training_flops_6nd(config, tokens),
         "gpu": args.gpu, "peak_flops_per_gpu": peak, "num_gpus": args.num_gpus, "mfu": args.mfu,
+        "activation_gbps": args.activation_gbps,
         "training_seconds": seconds, "training_time": format_duration(seconds),
-        "micro_batch_size": args.micro_batch_size, "memory_bytes": memory,
+        "micro_batch_size": args.micro_batch_size, "param_bytes": args.param_bytes, "memory_bytes": memory,
     }
 
 
@@ -291,8 +416,10 @@ def format_report(r: dict) -> str:
         f"  training FLOPs    {r['training_flops']:>16.4g}  ({r['training_flops_recompute']:.4g} with recompute,"
         f" 6ND: {r['training_flops_6nd']:.4g})",
         f"  time              {r['training_time']:>16}  ({r['num_gpus']} x {r['gpu']} at"
-        f" {r['peak_flops_per_gpu'] / 1e12:.0f} TFLOP/s, MFU {r['mfu']:.0%})",
-        f"  memory per GPU (GiB), micro-batch {r['micro_batch_size']}, seq {r['seq_len']}:",
+        f" {r['peak_flops_per_gpu'] / 1e12:.0f} TFLOP/s, MFU {r['mfu']:.0%}"
+        + (f", activations at {r['activation_gbps']:g} GB/s)" if r["activation_gbps"] else ")"),
+        f"  memory per GPU (GiB), micro-batch {r['micro_batch_size']}, seq {r['seq_len']}, "
+        f"{'fp32' if r['param_bytes'] == 4 else 'mixed precision'}:",
         f"    {'':<8}" + "".join(f"{key:>12}" for key in next(iter(r["memory_bytes"].values()))),
     ]
     for strategy, mem in r["memory_bytes"].items():

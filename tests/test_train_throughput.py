@@ -50,8 +50,9 @@ def test_both_models_two_variants_synthetic_data(tmp_path, capsys):
     flops_per_token = sizing.flops_per_token(config, seq_len)
     assert report["flops_per_token"] == pytest.approx(flops_per_token)
     assert report["peak_flops"] == peak and report["measured_peak_flops"] > 0
-    estimate = sizing.memory_per_gpu(config, 1, "ddp", batch, seq_len, param_bytes=4, flash_attention=True)
     for row in rows:
+        estimate = sizing.memory_per_gpu(config, 1, "ddp", batch, seq_len, param_bytes=4, flash_attention=True,
+                                         attention_mask=row["settings"]["position_ids"], gradients_persist=False)
         assert row["status"] == "ok"
         assert row["parameters"] == report["parameters"] == sum(sizing.parameter_breakdown(config).values())
         assert row["tokens"] == steps * batch * seq_len

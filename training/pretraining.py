@@ -125,9 +125,14 @@ def write_reports(trainer: PretrainingTrainer, model_args: ModelArguments, data_
     args, config, output_dir = trainer.args, trainer.model.config, Path(trainer.args.output_dir)
     strategy = "zero3" if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled else "ddp"
     checkpointing = training_setting(args, "activation_checkpointing")
+    # position_ids mask packed documents apart (a mask for sdpa and eager); gradients outlive a step under
+    # DDP/FSDP/ZeRO and accumulation, while one process without accumulation frees them every step.
     memory = sizing.memory_per_gpu(config, args.world_size, strategy, args.per_device_train_batch_size, seq_len,
                                    checkpointing, param_bytes=2 if args.bf16 else 4,
-                                   flash_attention=model_args.attn_implementation != "eager")
+                                   flash_attention=model_args.attn_implementation != "eager",
+                                   attention_mask=data_args.position_ids
+                                   and model_args.attn_implementation in ("sdpa", "eager"),
+                                   gradients_persist=args.world_size > 1 or args.gradient_accumulation_steps > 1)
     planned = total_tokens
     recipe = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(run_args),
               **(dataclasses.asdict(objective_args) if objective_args is not None else {}),
