@@ -6,8 +6,9 @@ Parts (`--parts`, all by default; the slices and the tokenizer are made once und
 1. `engines`: nested slices of the kernel's code files (about 10 MB, 100 MB and all of them; a member is in a slice
    when a hash of its path falls under the slice's share, so each slice samples the whole tree) as JSON lines
    (zstd), 2 files each. Per slice, alternating, in fresh processes, `--workers` workers over 2 shards/tasks:
-   - Ember: `python -m data_prep run`: NFC, code quality rules, PII (emails, public IPs), exact + MinHash dedup,
-     pack with the given tokenizer (trained once here on the 100 MB slice: byte-level BPE, vocab 32000).
+   - Ember: `python -m data_prep run`: NFC, code quality rules, PII (emails, public IPs), exact + MinHash dedup
+     (numbers mapped to 0, as datatrove's MinHash does by default), pack with the given tokenizer (trained once
+     here on the 100 MB slice: byte-level BPE, vocab 32000).
    - datatrove: `JsonlReader` -> an NFC formatter -> `PIIFormatter` (emails, public IPs) -> a `LambdaFilter` with
      the same code rules (Ember's `check_code`, so both make the same decisions: datatrove has no code filter) ->
      `JsonlWriter`; exact dedup (`ExactDedupSignature` / `ExactFindDedups` / `ExactDedupFilter` on the text
@@ -121,9 +122,10 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_monitored(command: list[str], log: Path, kill_after: float | None = None) -> dict[str, Any]:
+def run_monitored(command: list[str], log: Path, kill_after: float | None = None, check: bool = True) -> dict[str, Any]:
     """Run `command` in its own process group; lines it prints are timestamped (step ends are read from them).
-    With `kill_after`, the whole group gets SIGKILL after that many seconds."""
+    With `kill_after`, the whole group gets SIGKILL after that many seconds (a planned kill, or a watchdog: a
+    process pool whose worker the kernel killed for memory waits forever). With `check`, a failure stops here."""
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), children_cpu_s()
     lines: list[tuple[float, str]] = []
@@ -138,13 +140,14 @@ def run_monitored(command: list[str], log: Path, kill_after: float | None = None
         for line in process.stdout:  # type: ignore[union-attr]
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
             out.write(line)
+            out.flush()
         code = process.wait()
         if kill_after is not None:
             timer.cancel()
     monitor.stopped.set()
     monitor.join()
     seconds, cpu = time.perf_counter() - start, children_cpu_s() - cpu
-    if code != 0 and kill_after is None:
+    if code != 0 and check:
         raise SystemExit(f"error: {shlex.join(command[:6])} ... failed (exit {code}); see {log}")
     return {"seconds": seconds, "cpu_s": cpu, "exit_code": code, **monitor.peak(),
             "load_1m_before": load, "load_1m_after": os.getloadavg()[0], "_lines": lines, "_monitor": monitor}
@@ -259,7 +262,9 @@ def ember_config(slice_dir: Path, tokenizer: Path, output: Path) -> Path:
         "clean": {"unicode_form": "NFC", "normalize_whitespace": False},
         "filters": {"min_chars": linux["filters"]["min_chars"], "code": linux["filters"]["code"]},
         "pii": {"enabled": True, "phones": False, "card_numbers": False},
-        "dedup": linux["dedup"], "tokenizer": {"path": str(tokenizer)}, "pack": {"seq_len": 1024},
+        # datatrove's MinHash maps every number to 0 (its TextNormConfig default): the same here.
+        "dedup": {**linux["dedup"], "minhash": {**linux["dedup"]["minhash"], "normalize_numbers": True}},
+        "tokenizer": {"path": str(tokenizer)}, "pack": {"seq_len": 1024},
     }
     path = output.parent / "ember.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -288,6 +293,7 @@ from data_prep.filters import check_code
 
 MIN_CHARS = int(sys.argv[6])
 CODE_RULES = CodeFilterConfig(**eval(sys.argv[7]))
+BATCH = int(sys.argv[8])
 
 
 class NFC(BaseFormatter):
@@ -334,7 +340,7 @@ def main(corpus, tokenizer, out, tasks, workers):
                        dedup.MinhashDedupFilter(f"{out}/remove_ids",
                                                 exclusion_writer=JsonlWriter(f"{out}/removed_near")),
                        DocumentTokenizer(f"{out}/tokens", tokenizer_name_or_path=f"{tokenizer}/tokenizer.json",
-                                         eos_token="<|endoftext|>", shuffle_documents=False)])
+                                         eos_token="<|endoftext|>", shuffle_documents=False, batch_size=BATCH)])
 
 
 if __name__ == "__main__":
@@ -347,7 +353,9 @@ DATATROVE_MARKERS = {stage: f"[stage] {stage}" for stage in (
     "minhash_cluster", "tokenize")}
 
 
-def ember_removed(out: Path) -> dict[str, set[str]]:
+def ember_removed(out: Path, slice_dir: Path) -> dict[str, set[str]]:
+    """Ids of the documents Ember's dedup plan removed, as datatrove names them (the slice's `id` field: Ember
+    names a JSON-lines record by its file and line)."""
     from data_prep.dedup import load_removals
     from data_prep.io import read_docs
 
@@ -357,7 +365,13 @@ def ember_removed(out: Path) -> dict[str, set[str]]:
         for position, doc in enumerate(read_docs(shard)):
             if position in removals:
                 removed[removals[position].reason].add(doc["id"])
-    return removed
+    lines = {}  # "file:line" -> id, for the removed records only
+    wanted = set().union(*removed.values())
+    for part in sorted(slice_dir.glob("*.jsonl.zst")):
+        for number, record in enumerate(read_docs(part), start=1):
+            if f"{part}:{number}" in wanted:
+                lines[f"{part}:{number}"] = record["id"]
+    return {reason: {lines[where] for where in ids} for reason, ids in removed.items()}
 
 
 def datatrove_removed(out: Path) -> dict[str, set[str]]:
@@ -396,15 +410,22 @@ def engines(args: argparse.Namespace, work: Path, slices: dict[str, dict[str, An
                     markers = EMBER_MARKERS
                 else:
                     command = [sys.executable, str(script), info["path"], str(tokenizer), str(out), "2",
-                               str(args.workers), str(code_rules["min_chars"]), repr(code_rules["code"])]
+                               str(args.workers), str(code_rules["min_chars"]), repr(code_rules["code"]),
+                               str(args.datatrove_batch_size)]
                     markers = DATATROVE_MARKERS
-                result = run_monitored(command, out.parent / "log.txt")
+                result = run_monitored(command, out.parent / "log.txt", kill_after=args.run_timeout,
+                                       check=engine == "ember")
                 record[engine] = {**public(result), "steps": step_curve(result, markers)}
+                if result["exit_code"] != 0:  # datatrove: killed by the watchdog or failed; kept as a result
+                    record[engine]["failed"] = f"exit code {result['exit_code']} after {result['seconds']:.0f} s"
+                    record["_datatrove_removed"] = set()
+                    print(f"  {engine:<9} failed: {record[engine]['failed']}; see {out.parent / 'log.txt'}", flush=True)
+                    continue
                 if engine == "ember":
                     summary = json.loads((out / "report.json").read_text())
                     record[engine]["documents_out"] = summary["tokens_train"]["num_documents"]
                     record[engine]["tokens"] = summary["tokens_train"]["num_tokens"]
-                    removed = ember_removed(out)
+                    removed = ember_removed(out, Path(info["path"]))
                 else:
                     ds = sorted((out / "tokens").glob("*.ds"))
                     record[engine]["tokens"] = sum(p.stat().st_size for p in ds) // 2
@@ -420,6 +441,9 @@ def engines(args: argparse.Namespace, work: Path, slices: dict[str, dict[str, An
                       f"{record[engine]['documents_out']:,}  tokens "
                       f"{record[engine]['tokens']:,}  removed {record[engine]['removed']}", flush=True)
             e, d = record.pop("_ember_removed"), record.pop("_datatrove_removed")
+            if "failed" in record["datatrove"]:
+                runs.append(record)
+                continue
             record["dedup_agreement"] = {"ember": len(e), "datatrove": len(d), "both": len(e & d),
                                          "only_ember": len(e - d), "only_datatrove": len(d - e)}
             record["datatrove_over_ember"] = record["datatrove"]["seconds"] / record["ember"]["seconds"]
@@ -427,6 +451,9 @@ def engines(args: argparse.Namespace, work: Path, slices: dict[str, dict[str, An
             print(f"  datatrove/ember: wall {record['datatrove_over_ember']:.2f}, CPU "
                   f"{record['datatrove_over_ember_cpu']:.2f}; dedup {record['dedup_agreement']}", flush=True)
             runs.append(record)
+        if any("failed" in r["datatrove"] for r in runs):
+            results[name] = {**info, "rounds": runs}
+            continue
         median = {engine: {key: statistics.median(r[engine][key] for r in runs)
                            for key in ("seconds", "cpu_s", "tree_rss_mb", "largest_process_rss_mb", "tree_pss_mb")}
                   for engine in ("ember", "datatrove")}
@@ -541,7 +568,8 @@ def user(args: argparse.Namespace, work: Path) -> dict:
           f"{result['tree_rss_mb']:.0f} MB (PSS {result['tree_pss_mb']:.0f} MB), "
           f"{summary['tokens_train']['num_tokens']:,} train tokens", flush=True)
     kill_at = args.kill_fraction * result["seconds"]
-    first = run_monitored([*command, f"--output_dir={killed / 'out'}"], killed / "log-killed.txt", kill_after=kill_at)
+    first = run_monitored([*command, f"--output_dir={killed / 'out'}"], killed / "log-killed.txt", kill_after=kill_at,
+                          check=False)
     finished_steps = [line for _, line in first["_lines"] if line.startswith("[data_prep]")]
     second = run_monitored([*command, f"--output_dir={killed / 'out'}"], killed / "log-resumed.txt")
     a, b = data_files(whole / "out"), data_files(killed / "out")
@@ -569,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--archive", type=Path, default=None,
                         help="a tar archive in the kernel's place (default: /usr/src/linux-source-*.tar.xz)")
     parser.add_argument("--kill_fraction", type=float, default=0.6)
+    parser.add_argument("--run_timeout", type=float, default=3600,
+                        help="seconds before a run's whole process group is killed")
+    # datatrove's default, 10,000 documents a batch, held 12 GB per worker on the whole kernel: the kernel killed one
+    # of the two and the executor's pool waited forever.
+    parser.add_argument("--datatrove_batch_size", type=int, default=1000, help="DocumentTokenizer's batch_size")
     parser.add_argument("--work", type=Path, default=REPO_ROOT / "outputs" / "bench_data_scaling")
     parser.add_argument("--keep_runs", action="store_true")
     parser.add_argument("--output", type=Path, default=RESULTS / "data_scaling_cpu.json")

@@ -386,24 +386,24 @@ def predict(results: list[dict[str, Any]], attn: str, packed: bool) -> dict[str,
 
     Time, `sizing.training_time`'s two terms: nano's profiled share of the step in the FLOP kernels turns its
     median step into the achieved FLOP/s of those kernels, the rest into the rate at which the memory-bound
-    work gets through the stored activations (`memory_per_gpu`'s "activations" of the step). The FLOPs-only
+    work streams (`sizing.memory_bound_bytes`: the stored activations and the loss's logits). The FLOPs-only
     prediction (the whole step at one FLOP rate) is kept beside it. `packed`: rows pack documents, so many
     batches give the attention a mask."""
     first = results[0]
     share = first["kernel_split"]["compute_s"] / (first["kernel_split"]["compute_s"] + first["kernel_split"]["other_s"])
 
-    def stored_bytes(r: dict[str, Any]) -> float:
-        return sizing.memory_per_gpu(r["model_config"], 1, "ddp", r["batch_size"], r["seq_len"], param_bytes=4,
-                                     flash_attention=attn != "eager", attention_mask=packed)["activations"]
+    def streamed(r: dict[str, Any]) -> float:
+        return sizing.memory_bound_bytes(r["model_config"], r["tokens_per_step"], r["seq_len"], param_bytes=4,
+                                         flash_attention=attn != "eager", attention_mask=packed)
 
     calibration = {"compute_share": share, "flops_per_s": first["step_flops"] / (share * first["best_step_s"]),
-                   "activation_bytes_per_s": stored_bytes(first) / ((1 - share) * first["best_step_s"]),
+                   "memory_bound_bytes_per_s": streamed(first) / ((1 - share) * first["best_step_s"]),
                    "flops_only_flops_per_s": first["step_flops"] / first["best_step_s"]}
     for r in results:
         config, tokens, seq_len = r["model_config"], r["tokens_per_step"], r["seq_len"]
-        r["stored_activation_bytes"] = stored_bytes(r)
+        r["memory_bound_bytes"] = streamed(r)
         r["predicted_step_s"] = sizing.training_time(
-            config, tokens, 1, calibration["flops_per_s"], 1.0, seq_len, calibration["activation_bytes_per_s"],
+            config, tokens, 1, calibration["flops_per_s"], 1.0, seq_len, calibration["memory_bound_bytes_per_s"],
             param_bytes=4, flash_attention=attn != "eager", attention_mask=packed)
         r["time_error"] = r["predicted_step_s"] / r["best_step_s"] - 1
         r["flops_only_predicted_step_s"] = sizing.training_time(config, tokens, 1,
@@ -442,7 +442,7 @@ def format_table(results: list[dict[str, Any]], tolerance: float) -> str:
                                   (f"{100 * r['time_error']:+.1f}%", f"{100 * r['flops_only_time_error']:+.1f}%"))
         lines.append(
             f"{r['name']:<6} {r['parameters'] / 1e6:6.1f}M {r['batch_size']:>3}x{r['seq_len']:<3} "
-            f"{r['step_flops'] / 1e9:6.0f} {r['stored_activation_bytes'] / 2**20:7.0f} {iqr:>19} {best:>6} "
+            f"{r['step_flops'] / 1e9:6.0f} {r['memory_bound_bytes'] / 2**20:7.0f} {iqr:>19} {best:>6} "
             f"{r['predicted_step_s']:6.2f} {time_error:>7} {flops_only:>10} "
             f"{r['memory']['peak'] / 2**20:8.0f} {r['predicted_memory']['total'] / 2**20:8.0f} "
             f"{100 * r['memory_error']:+5.1f}%")
@@ -480,7 +480,7 @@ def run_measurements(args: argparse.Namespace, argv: list[str] | None) -> int:
     print()
     print(f"calibrated on {results[0]['name']}: matmul and attention kernels {100 * calibration['compute_share']:.0f}% "
           f"of its step -> {calibration['flops_per_s'] / 1e9:.1f} GFLOP/s; the rest -> "
-          f"{calibration['activation_bytes_per_s'] / 1e9:.2f} GB/s of stored activations "
+          f"{calibration['memory_bound_bytes_per_s'] / 1e9:.2f} GB/s of memory-bound bytes (activations, logits) "
           f"(FLOPs only: {calibration['flops_only_flops_per_s'] / 1e9:.1f} GFLOP/s for the whole step)")
     print(format_table(results, args.tolerance))
     print(f"load average before/after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")

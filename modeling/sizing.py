@@ -41,6 +41,9 @@ PEAK_FLOPS: dict[str, float] = {
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models"
+# The loss upcasts the logits to fp32; when backward starts its log-softmax output, that output's gradient and the
+# logits' gradient are alive at once: 3 x 4 bytes per (token, vocabulary entry).
+LOGITS_BYTES_PER_ENTRY = 12
 
 
 def peak_flops_for_device(name: str) -> float | None:
@@ -160,34 +163,40 @@ def training_flops_6nd(config: EmberConfig, tokens: float, activation_recompute:
 
 def training_time(
     config: EmberConfig, tokens: float, num_gpus: int, peak_flops_per_gpu: float, mfu: float, seq_len: int,
-    activation_bandwidth: float | None = None, param_bytes: int = 2, flash_attention: bool = True,
+    memory_bound_bandwidth: float | None = None, param_bytes: int = 2, flash_attention: bool = True,
     attention_mask: bool = False,
 ) -> float:
     """Seconds to train on `tokens`: model FLOPs / (num_gpus x peak x MFU), plus the memory-bound work if
-    `activation_bandwidth` is given.
+    `memory_bound_bandwidth` is given.
 
     MFU (model FLOPs utilisation, PaLM appendix B) counts model FLOPs only, so the recomputation overhead
     is not added here: a run that recomputes simply reaches a lower MFU.
 
-    With FLOPs alone, an MFU measured on a small model overestimates a bigger model's time (and one from
-    a big model underestimates a small one's): besides the matmuls and the attention kernel a step runs
-    elementwise work (norms, RoPE, SwiGLU, residual adds, their gradients, the optimizer) whose time
-    follows the bytes it streams, not FLOPs, and its share of the step shrinks as the width grows. On the
-    2-core CPU of benchmarks/bench_sizing_cpu.py it took about a fifth of the nano preset's step and a
-    tenth of the 125m's, at a roughly constant rate per byte of the activations stored for backward;
-    calibrated on nano, FLOPs alone overestimated the 28 M and 125m steps by 15-21%, the two terms below
-    by 6-9%. With `activation_bandwidth` (bytes per second per device of those activations: a device's
-    effective rate for this work, which the benchmark measures) the time adds tokens x
-    `activation_bytes_per_token` (L layers plus the final norm, for `param_bytes`, `flash_attention` and
-    `attention_mask`) / (num_gpus x activation_bandwidth), and `mfu` is then the efficiency of the matmul
-    and attention kernels alone.
+    With FLOPs alone, an MFU measured on one model misjudges another: besides the matmuls and the attention
+    kernel a step runs elementwise work (norms, RoPE, SwiGLU, residual adds, the loss's softmax over the
+    vocabulary, their gradients, the optimizer) whose time follows the bytes it streams, not FLOPs, and its
+    share of the step changes with the width and the vocabulary. With `memory_bound_bandwidth` (bytes per
+    second per device: a device's effective rate for this work, which benchmarks/bench_sizing_cpu.py
+    measures) the time adds `memory_bound_bytes` / (num_gpus x memory_bound_bandwidth), and `mfu` is then the
+    efficiency of the matmul and attention kernels alone. On the 2-core CPU of that benchmark, calibrated on
+    the nano preset, the two terms predicted the 28 M and 125m steps within the errors its results file
+    records, where FLOPs alone were 15-45% over.
     """
     seconds = training_flops(config, tokens, seq_len) / (num_gpus * peak_flops_per_gpu * mfu)
-    if activation_bandwidth:
-        per_token = activation_bytes_per_token(config, seq_len, param_bytes, flash_attention, attention_mask)
-        stored = config.num_hidden_layers * per_token["layer"] + per_token["final"]
-        seconds += tokens * stored / (num_gpus * activation_bandwidth)
+    if memory_bound_bandwidth:
+        streamed = memory_bound_bytes(config, tokens, seq_len, param_bytes, flash_attention, attention_mask)
+        seconds += streamed / (num_gpus * memory_bound_bandwidth)
     return seconds
+
+
+def memory_bound_bytes(config: EmberConfig, tokens: float, seq_len: int, param_bytes: int = 2,
+                       flash_attention: bool = True, attention_mask: bool = False) -> float:
+    """The bytes a step's elementwise work streams, as `training_time`'s memory-bound term counts them: the
+    activations stored for backward (`activation_bytes_per_token`: L layers and the final norm) and the loss's
+    three fp32 tokens x vocabulary tensors (`memory_per_gpu`'s logits), for `tokens` tokens."""
+    per_token = activation_bytes_per_token(config, seq_len, param_bytes, flash_attention, attention_mask)
+    stored = config.num_hidden_layers * per_token["layer"] + per_token["final"]
+    return tokens * (stored + LOGITS_BYTES_PER_ENTRY * config.vocab_size)
 
 
 def format_duration(seconds: float) -> str:
@@ -321,7 +330,7 @@ def memory_per_gpu(
         "grads": n_params * param_bytes / (num_gpus if stage >= 2 else 1),
         "optimizer": n_params * optimizer_bytes / (num_gpus if stage >= 1 else 1),
         "activations": float(activations + tokens * per_token["final"]),
-        "logits": float(12 * tokens * config.vocab_size),
+        "logits": float(LOGITS_BYTES_PER_ENTRY * tokens * config.vocab_size),
     }
     step = memory["activations"] + memory["logits"]
     state = memory["params"] + memory["optimizer"]
@@ -339,10 +348,10 @@ class SizingArguments:
     gpu: str = field(default="H100", metadata={"help": f"one of {list(PEAK_FLOPS)}"})
     peak_tflops: float | None = field(default=None, metadata={"help": "dense peak per GPU, overrides gpu's entry"})
     mfu: float = field(default=0.4, metadata={"help": "model FLOPs utilisation, 0-1"})
-    activation_gbps: float | None = field(default=None, metadata={
-        "help": "GB/s of stored activations the memory-bound work gets through per GPU (measured as in "
-                "benchmarks/bench_sizing_cpu.py); adds that time, and mfu then covers the matmul and attention "
-                "kernels alone"})
+    memory_bound_gbps: float | None = field(default=None, metadata={
+        "help": "GB/s the memory-bound work (stored activations and the loss's logits) streams per GPU (measured "
+                "as in benchmarks/bench_sizing_cpu.py); adds that time, and mfu then covers the matmul and "
+                "attention kernels alone"})
     micro_batch_size: int = 1
     activation_checkpointing: bool = False
     flash_attention: bool = field(default=False, metadata={
@@ -360,7 +369,7 @@ class SizingArguments:
 def build_report(args: SizingArguments) -> dict:
     if args.preset not in PRESETS:
         raise ConfigError(f"preset: unknown name {args.preset!r}; choose one of {sorted(PRESETS)}")
-    for key in ("num_gpus", "micro_batch_size", "seq_len", "tokens", "activation_gbps"):
+    for key in ("num_gpus", "micro_batch_size", "seq_len", "tokens", "memory_bound_gbps"):
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
@@ -382,7 +391,7 @@ def build_report(args: SizingArguments) -> dict:
     seq_len = args.seq_len or config.max_position_embeddings
     tokens = args.tokens if args.tokens is not None else CHINCHILLA_TOKENS_PER_PARAM * count_parameters(config)
     seconds = training_time(config, tokens, args.num_gpus, peak, args.mfu, seq_len,
-                            args.activation_gbps * 1e9 if args.activation_gbps else None, args.param_bytes,
+                            args.memory_bound_gbps * 1e9 if args.memory_bound_gbps else None, args.param_bytes,
                             args.flash_attention, args.attention_mask)
     memory = {
         strategy: memory_per_gpu(
@@ -400,7 +409,7 @@ def build_report(args: SizingArguments) -> dict:
         "training_flops_recompute": training_flops(config, tokens, seq_len, activation_recompute=True),
         "training_flops_6nd": training_flops_6nd(config, tokens),
         "gpu": args.gpu, "peak_flops_per_gpu": peak, "num_gpus": args.num_gpus, "mfu": args.mfu,
-        "activation_gbps": args.activation_gbps,
+        "memory_bound_gbps": args.memory_bound_gbps,
         "training_seconds": seconds, "training_time": format_duration(seconds),
         "micro_batch_size": args.micro_batch_size, "param_bytes": args.param_bytes, "memory_bytes": memory,
     }
@@ -417,7 +426,7 @@ def format_report(r: dict) -> str:
         f" 6ND: {r['training_flops_6nd']:.4g})",
         f"  time              {r['training_time']:>16}  ({r['num_gpus']} x {r['gpu']} at"
         f" {r['peak_flops_per_gpu'] / 1e12:.0f} TFLOP/s, MFU {r['mfu']:.0%}"
-        + (f", activations at {r['activation_gbps']:g} GB/s)" if r["activation_gbps"] else ")"),
+        + (f", memory-bound work at {r['memory_bound_gbps']:g} GB/s)" if r["memory_bound_gbps"] else ")"),
         f"  memory per GPU (GiB), micro-batch {r['micro_batch_size']}, seq {r['seq_len']}, "
         f"{'fp32' if r['param_bytes'] == 4 else 'mixed precision'}:",
         f"    {'':<8}" + "".join(f"{key:>12}" for key in next(iter(r["memory_bytes"].values()))),

@@ -18,6 +18,7 @@ from modeling.sizing import (
     flops_per_token,
     format_duration,
     main,
+    memory_bound_bytes,
     memory_per_gpu,
     parameter_breakdown,
     peak_flops_for_device,
@@ -141,14 +142,15 @@ def test_training_flops():
 def test_training_time_adds_the_memory_bound_work():
     config = EmberConfig.from_preset("nano")
     flops_only = training_time(config, 4096, 1, 1e11, 1.0, 512)
-    assert flops_only == training_time(config, 4096, 1, 1e11, 1.0, 512, activation_bandwidth=None)
-    # The stored activations of one 8 x 512 micro-batch, streamed at 2 GB/s, on top of the FLOP time.
-    stored = memory_per_gpu(config, 1, "ddp", 8, 512, param_bytes=4, flash_attention=True,
-                            attention_mask=True)["activations"]
-    both = training_time(config, 4096, 1, 1e11, 1.0, 512, activation_bandwidth=2e9, param_bytes=4,
+    assert flops_only == training_time(config, 4096, 1, 1e11, 1.0, 512, memory_bound_bandwidth=None)
+    # The stored activations and the loss's logits of one 8 x 512 micro-batch, at 2 GB/s, on top of the FLOP time.
+    memory = memory_per_gpu(config, 1, "ddp", 8, 512, param_bytes=4, flash_attention=True, attention_mask=True)
+    streamed = memory_bound_bytes(config, 4096, 512, param_bytes=4, flash_attention=True, attention_mask=True)
+    assert streamed == pytest.approx(memory["activations"] + memory["logits"])
+    both = training_time(config, 4096, 1, 1e11, 1.0, 512, memory_bound_bandwidth=2e9, param_bytes=4,
                          flash_attention=True, attention_mask=True)
-    assert both == pytest.approx(flops_only + stored / 2e9)
-    assert training_time(config, 4096, 4, 1e11, 1.0, 512, activation_bandwidth=2e9, param_bytes=4,
+    assert both == pytest.approx(flops_only + streamed / 2e9)
+    assert training_time(config, 4096, 4, 1e11, 1.0, 512, memory_bound_bandwidth=2e9, param_bytes=4,
                          flash_attention=True, attention_mask=True) == pytest.approx(both / 4)
 
 
@@ -372,7 +374,7 @@ def test_benchmark_measures_and_predicts_on_shards(data_dir, tmp_path, capsys):
         assert result["best_step_s"] == min(result["step_seconds"])
         assert result["predicted_step_s"] == pytest.approx(  # sizing.training_time's two terms
             result["step_flops"] / calibration["flops_per_s"]
-            + result["stored_activation_bytes"] / calibration["activation_bytes_per_s"])
+            + result["memory_bound_bytes"] / calibration["memory_bound_bytes_per_s"])
         assert result["flops_only_predicted_step_s"] == pytest.approx(
             result["step_flops"] / calibration["flops_only_flops_per_s"])
         predicted, peak = result["predicted_memory"]["total"], result["memory"]["peak"]
