@@ -35,12 +35,13 @@ import torch.distributed as dist
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from cli import ConfigError, warn
+from cli import ConfigError, is_main_process, warn
 
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 LOCK_FILE = "run.lock"
+FAILED_RANK_GRACE_S = 30  # at most; see exit_rank
 # torch.save (optimizer, scheduler, RNG states, DeepSpeed partitions) writes zip archives under these names.
 TORCH_ARCHIVE_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -336,6 +337,11 @@ def exit_rank(code: int | None) -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    if code and not is_main_process():
+        # Only the main rank prints a failure's `error:` line, and torch-elastic SIGTERMs the other ranks as soon
+        # as one exits: a rank that fails ahead of the main one waits for it (its SIGTERM ends the wait), so the
+        # line is printed under load too.
+        time.sleep(FAILED_RANK_GRACE_S)
     os._exit(code or 0)
 
 
