@@ -16,6 +16,7 @@
 The rules are in `cli/parser.py`'s docstring.
 """
 
+from .files import file_mode, folder_mode, honour_umask
 from .parser import (
     ConfigError,
     build,
@@ -32,5 +33,6 @@ from .parser import (
     warn,
 )
 
-__all__ = ["ConfigError", "build", "convert", "dotted_items", "error_line", "fields_of", "help_text", "is_main_process",
-           "parse_args", "read_yaml_mapping", "report_error", "set_dotted", "warn"]
+__all__ = ["ConfigError", "build", "convert", "dotted_items", "error_line", "fields_of", "file_mode", "folder_mode",
+           "help_text", "honour_umask", "is_main_process", "parse_args", "read_yaml_mapping", "report_error",
+           "set_dotted", "warn"]

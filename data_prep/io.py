@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from cli import file_mode
+
 DOC_SHARD_SUFFIX = ".jsonl.zst"
 
 
@@ -32,6 +34,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would stay with the renamed file
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

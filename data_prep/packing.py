@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from cli import file_mode
 from data_prep.config import ConfigError, PackConfig
 from data_prep.io import atomic_write_text
 from data_prep.report import StepReport
@@ -209,6 +210,7 @@ class PackedShardWriter:
     def _temp_file(self, suffix: str):
         fd, path = tempfile.mkstemp(prefix=f".{self.prefix.name}{suffix}.", suffix=".tmp", dir=self.prefix.parent)
         self._tmp_paths.append(Path(path))
+        os.fchmod(fd, file_mode())  # mkstemp's 0600 would stay with the renamed file
         return os.fdopen(fd, "wb", buffering=1 << 20)
 
     def __enter__(self) -> PackedShardWriter:
@@ -272,6 +274,7 @@ class PackedShardWriter:
         """Wrap the raw uint64 offsets in a .npy header, copying in chunks (no full load into memory)."""
         fd, path = tempfile.mkstemp(prefix=f".{self.prefix.name}.idx.npy.", suffix=".tmp", dir=self.prefix.parent)
         self._tmp_paths.append(Path(path))
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as out, open(raw_path, "rb") as raw:
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<u8")), "fortran_order": False,
                       "shape": (self.num_documents,)}

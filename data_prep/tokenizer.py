@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from cli import error_line
+from cli import error_line, folder_mode
 from data_prep import config
 from data_prep.config import ConfigError, TokenizerConfig
 from data_prep.fast_bpe import fast_encoder
@@ -243,6 +243,7 @@ def _write_atomically(output_dir: Path, write: Callable[[Path], Any]) -> None:
     """`write` a temporary sibling directory, then rename it to `output_dir` (replacing it)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".tmp", dir=output_dir.parent))
+    os.chmod(tmp, folder_mode())  # mkdtemp's 0700 would stay with the renamed folder
     old = None
     try:
         write(tmp)

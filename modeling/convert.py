@@ -58,7 +58,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from cli import ConfigError, parse_args, report_error
+from cli import ConfigError, honour_umask, parse_args, report_error
 
 from . import EmberConfig, EmberForCausalLM
 from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
@@ -197,6 +197,7 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     if (dst / "tokenizer_config.json").is_file():
         make_portable(dst)
     _write_legacy_config_keys(dst / "config.json")
+    honour_umask(dst)  # safetensors writes its files 0600
     if getattr(hf_model.config, "sliding_window", None) is not None:
         warnings.warn(
             f"sliding_window={hf_model.config.sliding_window}: transformers, vLLM and TGI apply it, but llama.cpp "
@@ -225,6 +226,7 @@ def from_hf(src: str | Path, dst: str | Path) -> None:
 
     ember.save_pretrained(dst)
     _copy_side_files(src, dst)
+    honour_umask(dst)  # safetensors writes its files 0600
 
 
 def _rebuild_as(model: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedModel:

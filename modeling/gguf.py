@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from cli import file_mode
+
 from . import EmberConfig, EmberForCausalLM
 from .loading import adapter_base, is_adapter, load_model
 from .tokenizer_config import adds_bos_eos
@@ -234,6 +236,7 @@ def write_gguf(model: EmberForCausalLM, tokenizer_dir: Path, out: Path, outtype:
     qtype, file_type = OUTTYPES[outtype]
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.fchmod(handle, file_mode())  # mkstemp's 0600 would stay with the renamed file
     os.close(handle)
     tmp = Path(tmp_name)
     try:

@@ -44,7 +44,7 @@ from modeling.tokenizer_config import make_portable
 from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
 from training.callbacks import use_log_lines
 from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
-from training.classification import SequenceDataset, TokenDataset, labels_of, read_records
+from training.classification import ClassifierTrainer, SequenceDataset, TokenDataset, labels_of, read_records
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
 
@@ -165,9 +165,9 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     training.label_names = ["labels"]
     collator = (DataCollatorForTokenClassification(tokenizer) if args.task == "token"
                 else DataCollatorWithPadding(tokenizer))
-    trainer = Trainer(model=model, args=training, train_dataset=train, eval_dataset=validation,
-                      data_collator=collator, processing_class=tokenizer,
-                      compute_metrics=metrics_function(validation, labels, args.task))
+    trainer = ClassifierTrainer(model=model, args=training, train_dataset=train, eval_dataset=validation,
+                                data_collator=collator, processing_class=tokenizer,
+                                compute_metrics=metrics_function(validation, labels, args.task))
     use_log_lines(trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer.is_world_process_zero():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ConfigError, parse_args, report_error
+from cli import ConfigError, honour_umask, parse_args, report_error
 from modeling.loading import checkpoint_tokenizer
 from training.averaging import average_checkpoints
 
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model.save_pretrained(args.output)
         with contextlib.suppress(ValueError):  # a model without a tokenizer of its own has none to copy
             checkpoint_tokenizer(args.checkpoints[0]).save_pretrained(args.output)
+        honour_umask(args.output)  # safetensors writes its files 0600
     except (ConfigError, ValueError, OSError) as err:
         return report_error(err)
     print(f"averaged {len(args.checkpoints)} checkpoints into {args.output}")

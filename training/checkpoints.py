@@ -35,7 +35,7 @@ import torch.distributed as dist
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from cli import ConfigError, is_main_process, warn
+from cli import ConfigError, honour_umask, is_main_process, warn
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +313,16 @@ def leave_process_group() -> None:
     """Destroy the process groups this process joined, if any (a no-op otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class ReadableSavesMixin:
+    """For a `transformers.Trainer` subclass: saved model folders (checkpoints and the final one) get the modes the
+    umask gives, as every other file the Trainer writes has; `safetensors` writes its files 0600."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            honour_umask(output_dir or self.args.output_dir)
 
 
 def exit_rank(code: int | None) -> NoReturn:

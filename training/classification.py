@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Trainer
 
+from training.checkpoints import ReadableSavesMixin
 from training.trainer import IGNORE_INDEX
 
 
@@ -135,3 +137,7 @@ class TokenDataset(torch.utils.data.Dataset):
 
 
 __all__ = ["SequenceDataset", "TokenDataset", "align_words", "labels_of", "read_records"]
+
+
+class ClassifierTrainer(ReadableSavesMixin, Trainer):
+    """The HF Trainer; its saved model folders honour the umask (`ReadableSavesMixin`)."""

@@ -31,11 +31,13 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch.nn import functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from cli import honour_umask
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
 from modeling.loading import adapter_base, load_model
 from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
+from training.checkpoints import ReadableSavesMixin
 from training.muon import OptimizerChoiceMixin
 from training.trainer import IGNORE_INDEX
 
@@ -245,7 +247,7 @@ def add_lora(model: PreTrainedModel, config: LoraConfig) -> PeftModel:
     return get_peft_model(model, config)
 
 
-class FinetuningTrainer(OptimizerChoiceMixin, Trainer):
+class FinetuningTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
     """The HF Trainer, with `optimizer_options.optimizer: muon` building Muon + AdamW (training/muon.py)."""
 
     def __init__(self, *args, optimizer_options=None, **kwargs):
@@ -290,6 +292,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, base_model: s
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
         make_portable(output_dir)
+    honour_umask(output_dir)  # safetensors writes its files 0600
     return merged
 
 

@@ -31,7 +31,7 @@ from cli import ConfigError
 from modeling.tokenizer_config import make_portable
 from training.averaging import EMACallback
 from training.callbacks import use_log_lines
-from training.checkpoints import save_failure
+from training.checkpoints import ReadableSavesMixin, save_failure
 from training.data_order import StepBatchSampler
 from training.muon import OptimizerChoiceMixin
 from training.optim import decay_parameter_names
@@ -47,7 +47,7 @@ def is_rank_stream(dataset: Any) -> bool:
             and hasattr(dataset, "load_state_dict"))
 
 
-class PretrainingTrainer(OptimizerChoiceMixin, Trainer):
+class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
     """The HF Trainer with Ember's weight-decay split (`decay_parameter_names`) and callback metrics in its logs.
 
     The Trainer builds the optimizer itself (`args.optim`, fused AdamW where available), so this works
