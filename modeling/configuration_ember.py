@@ -5,9 +5,13 @@ LLaMA / GPT-2 / PaLM / T5 / BERT families differ on lives here, and the modeling
 Named presets (`EmberConfig.from_preset`) give the standard shapes.
 
 This file is also shipped next to saved checkpoints as remote code, so it imports only from
-`transformers`, `huggingface_hub` and the standard library.
+`transformers`, `huggingface_hub` and the standard library. It also tells peft, whenever peft is imported,
+which modules an Ember model's adapters target by default (`register_with_peft`), as peft knows for LLaMA.
 """
 
+import importlib.abc
+import importlib.util
+import sys
 from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -298,4 +302,46 @@ def check_attention_backend(config: EmberConfig) -> None:
         )
 
 
-__all__ = ["EmberConfig", "MLP_TYPES", "NORM_PLACEMENTS", "POSITION_EMBEDDING_TYPES", "PRESETS"]
+# peft picks an adapter's default targets by model type from its own tables, in which "ember" is not. Ember's
+# modules carry LLaMA's names, so each table's "llama" entry fits; LoRA's default is every attention and MLP
+# projection (Ember's finetuning default too), where peft's LLaMA entry has only q_proj and v_proj.
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PEFT_TABLES = "peft.utils.constants"
+
+
+def register_with_peft(tables: Any = None) -> None:
+    """Add model type "ember" to peft's default-target tables: now if peft is imported, else when it is."""
+    tables = tables or sys.modules.get(_PEFT_TABLES)
+    if tables is None:
+        if not any(type(finder).__name__ == "_PeftTablesHook" for finder in sys.meta_path):  # remote code: own copy
+            sys.meta_path.insert(0, _PeftTablesHook())
+        return
+    for name, table in vars(tables).items():
+        if name.startswith("TRANSFORMERS_MODELS_TO_") and isinstance(table, dict) and "llama" in table:
+            table.setdefault(EmberConfig.model_type, table["llama"])
+    tables.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[EmberConfig.model_type] = list(LORA_TARGET_MODULES)
+
+
+class _PeftTablesHook(importlib.abc.MetaPathFinder):
+    """Import hook that registers Ember in peft's tables right after peft defines them (one use)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _PEFT_TABLES:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def run_then_register(module):
+                run(module)
+                register_with_peft(module)
+
+            spec.loader.exec_module = run_then_register
+        return spec
+
+
+register_with_peft()
+
+__all__ = ["EmberConfig", "LORA_TARGET_MODULES", "MLP_TYPES", "NORM_PLACEMENTS", "POSITION_EMBEDDING_TYPES", "PRESETS",
+           "register_with_peft"]

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from cli import honour_umask
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
+from modeling.configuration_ember import LORA_TARGET_MODULES
 from modeling.loading import adapter_base, load_model
 from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
@@ -42,8 +43,6 @@ from training.muon import OptimizerChoiceMixin
 from training.trainer import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
-# Ember's module names (modeling_ember.py), the same as LLaMA's.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # EmberExperts keeps all experts of a layer in two 3D parameters (Mixtral's layout).
 MOE_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 _PROBE_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "content": "u\n"},
@@ -228,7 +227,7 @@ def lora_config(model: PreTrainedModel, r: int = 16, alpha: int = 32, dropout: f
             raise ValueError(f"lora_target_modules: {missing[0]!r} names no Linear layer of this model "
                              f"(it has {sorted(available)})")
     else:
-        target_modules = [name for name in DEFAULT_TARGET_MODULES if name in available]
+        target_modules = [name for name in LORA_TARGET_MODULES if name in available]
     extra: dict[str, Any] = {}
     if getattr(model.config, "num_local_experts", 0) > 0 and target_experts:
         if "target_parameters" not in LoraConfig.__dataclass_fields__:
