@@ -2,6 +2,7 @@
 
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,16 @@ TINY = dict(
     tie_word_embeddings=False,
 )
 
+
+# The start of a script run in a fresh process as a user without Ember would: Ember's packages cannot be imported.
+WITHOUT_EMBER = textwrap.dedent("""
+    import importlib.abc, sys
+    class BlockEmber(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling", "data_prep", "training", "evaluation", "cli", "recipes"):
+                raise ImportError(f"{name} must not be importable here")
+    sys.meta_path.insert(0, BlockEmber())
+""")
 
 def tiny_config(**overrides) -> EmberConfig:
     return EmberConfig.from_preset("nano", **{**TINY, **overrides})

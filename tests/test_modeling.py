@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import WITHOUT_EMBER, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from modeling import EmberConfig, EmberForCausalLM
@@ -257,14 +257,9 @@ def test_save_load_round_trip(name, tmp_path):
         assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
-REMOTE_LOAD = textwrap.dedent(
+REMOTE_LOAD = WITHOUT_EMBER + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-    class BlockEmber(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling", "data_prep"):
-                raise ImportError(f"{name} must not be importable here")
-    sys.meta_path.insert(0, BlockEmber())
+    import json, sys
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     path = sys.argv[1]

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import WITHOUT_EMBER, tiny_config
 from peft import LoraConfig, get_peft_model
 
 from modeling import EmberForCausalLM, EmberForMaskedLM, EmberForSequenceClassification
@@ -46,13 +46,8 @@ def test_the_recipes_lora_targets_are_peft_defaults():
     assert sorted(lora_config(model, r=4).target_modules) == sorted(LORA_TARGET_MODULES)
 
 
-REMOTE = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class BlockEmber(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling", "data_prep", "training", "evaluation", "cli", "recipes"):
-                raise ImportError(f"{name} must not be importable here")
-    sys.meta_path.insert(0, BlockEmber())
+REMOTE = WITHOUT_EMBER + textwrap.dedent("""
+    import json, sys
     peft_first = sys.argv[2] == "peft-first"
     if peft_first:
         import peft

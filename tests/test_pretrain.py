@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import recipe_error
+from conftest import WITHOUT_EMBER, recipe_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "recipes" / "pretrain.py"
@@ -76,13 +76,8 @@ def test_output_folder_is_hub_ready(trained):
         assert (trained / "run_report" / plot).stat().st_size > 1000 and f"({plot})" in report
 
 
-LOAD_AND_GENERATE = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class BlockEmber(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling", "data_prep", "training", "evaluation", "cli", "recipes"):
-                raise ImportError(f"{name} must not be importable here")
-    sys.meta_path.insert(0, BlockEmber())
+LOAD_AND_GENERATE = WITHOUT_EMBER + textwrap.dedent("""
+    import json, sys
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)  # reads config.json's auto_map
