@@ -18,6 +18,7 @@ The rules are in `cli/parser.py`'s docstring.
 
 from .files import file_mode, folder_mode, honour_umask
 from .parser import (
+    INTERRUPTED,
     ConfigError,
     build,
     convert,
@@ -33,6 +34,6 @@ from .parser import (
     warn,
 )
 
-__all__ = ["ConfigError", "build", "convert", "dotted_items", "error_line", "fields_of", "file_mode", "folder_mode",
-           "help_text", "honour_umask", "is_main_process", "parse_args", "read_yaml_mapping", "report_error",
-           "set_dotted", "warn"]
+__all__ = ["INTERRUPTED", "ConfigError", "build", "convert", "dotted_items", "error_line", "fields_of", "file_mode",
+           "folder_mode", "help_text", "honour_umask", "is_main_process", "parse_args", "read_yaml_mapping",
+           "report_error", "set_dotted", "warn"]

@@ -55,6 +55,9 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+INTERRUPTED = 130  # a shell's exit status for a process ended by SIGINT (128 + 2)
+
+
 def report_error(err: BaseException | str, status: int = 2) -> int:
     """Print `error: <first line>` to stderr on the main process only (every rank fails alike) and return `status`."""
     if is_main_process():

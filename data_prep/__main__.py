@@ -21,7 +21,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from cli import ConfigError, parse_args, report_error
+from cli import INTERRUPTED, ConfigError, parse_args, report_error
 from data_prep.config import PATH_KEYS, PipelineConfig
 from data_prep.pipeline import STEPS, PipelineError, collect_reports, run_pipeline
 from data_prep.report import DataError, format_table
@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         run_pipeline(cfg, steps, options.shard_index or None, options.workers)
     except (ConfigError, DataError, PipelineError) as err:
         return report_error(err)
+    except KeyboardInterrupt:
+        print("stopped by Ctrl-C: finished shards and steps are kept; the same command goes on from there",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
     return 0
 
 

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -351,14 +352,17 @@ def run_step(cfg: PipelineConfig, step: str, shard_indices: list[int] | None = N
     if workers <= 1 or len(indices) <= 1:
         results = (function(cfg, index) for index in indices)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # Ctrl-C reaches every process of the terminal's group: only this one stops on it; the workers finish the
+        # shards they hold (each written whole or not at all) and the rest are cancelled.
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=signal.signal,
+                                   initargs=(signal.SIGINT, signal.SIG_IGN))
         results = pool.map(function, [cfg] * len(indices), indices)
     try:
         for done, _ in enumerate(results, start=1):
             _progress(f"{step} {done}/{len(indices)} shards", start)
     finally:
         if workers > 1 and len(indices) > 1:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
 
 
 def _progress(what: str, start: float) -> None:

@@ -16,7 +16,6 @@ plain checkpoint loading with `AutoModelForSequenceClassification` / `AutoModelF
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -45,6 +44,7 @@ from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_
 from training.callbacks import use_log_lines
 from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
 from training.classification import ClassifierTrainer, SequenceDataset, TokenDataset, labels_of, read_records
+from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
 
@@ -174,16 +174,21 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         print(f"[classifier] {args.task} task, {len(labels)} labels | {len(train):,} train / {len(validation):,} "
               f"validation examples | {'LoRA r=' + str(args.lora_r) if args.lora else 'full'}: "
               f"{trainable:,} trainable parameters | {training.max_steps} steps", flush=True)
-    run = contextlib.ExitStack()  # the lock is held to the end: saving belongs to this run too
+    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
+    trainer.add_callback(interrupt)
+    resumes_itself = training.resume_from_checkpoint == "auto"
     try:
-        run.enter_context(output_dir_lock(training.output_dir, enabled=training.process_index == 0))
-        result = trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
-                                                                     training.output_dir))
+        # The lock is held to the end: saving belongs to this run too.
+        with output_dir_lock(training.output_dir, enabled=training.process_index == 0):
+            result = trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
+                                                                         training.output_dir))
+            if interrupt.stopped:
+                return report_interrupt(training.output_dir, resumes_itself)
+            return _finish(trainer, result, args, validation, labels, len(train))
     except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
-        run.close()
         return report_error(err)
-    with run:
-        return _finish(trainer, result, args, validation, labels, len(train))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        return report_interrupt(training.output_dir, resumes_itself)
 
 
 def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, labels: list[str],
@@ -216,4 +221,4 @@ def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, lab
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    exit_rank(main())
+    exit_rank(stop_quietly(main))

@@ -15,7 +15,6 @@ holds the base with the adapter folded in, a plain checkpoint that loads with
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sys
@@ -48,6 +47,7 @@ from training.finetune import (
     parameter_counts,
     response_loss,
 )
+from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
 
 SCHEMAS = (BaseModelArguments, LoraArguments, InstructionDataArguments, TrainingArguments)
 
@@ -124,16 +124,21 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["data"]["validation"] = validation.stats
         metrics["eval_before"] = evaluate("before")
-    run = contextlib.ExitStack()  # the lock is held to the end: saving and merging belong to this run too
+    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
+    trainer.add_callback(interrupt)
     try:
-        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
-        result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint, args.output_dir))
+        # The lock is held to the end: saving and merging belong to this run too.
+        with output_dir_lock(args.output_dir, enabled=args.process_index == 0):
+            result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint,
+                                                                         args.output_dir))
+            if interrupt.stopped:
+                return report_interrupt(args.output_dir, args.resume_from_checkpoint == "auto")
+            return _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer, evaluate,
+                           validation is not None)
     except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
-        run.close()
         return report_error(err)
-    with run:
-        return _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer, evaluate,
-                       validation is not None)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        return report_interrupt(args.output_dir, args.resume_from_checkpoint == "auto")
 
 
 def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora_args: LoraArguments,
@@ -165,4 +170,4 @@ def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    exit_rank(main())
+    exit_rank(stop_quietly(main))

@@ -12,7 +12,6 @@ safetensors, config with `auto_map` and the model code, the tokenizer, a generat
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -42,6 +41,7 @@ from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, devic
 from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume, saved_step
 from training.data_order import BatchRamp
 from training.hub import push
+from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
 from training.objectives import build_collator
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
@@ -130,6 +130,8 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     eval_bytes_per_token = (split_bytes_per_token(data_args.data_dir, "validation")
                             if objective_args.objective == "clm" else None)
 
+    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
+
     def make_trainer(data_state: DataState) -> PretrainingTrainer:
         nonlocal model
         if model is None:  # a rollback: a fresh model (the checkpoint's weights load into it), nothing of the old one
@@ -146,7 +148,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             eval_bytes_per_token=eval_bytes_per_token,
             ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
             callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
-                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite)])
+                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite), interrupt])
 
     if args.process_index == 0:
         blocks = "streamed blocks" if data_args.streaming else f"{len(train):,} blocks"
@@ -166,24 +168,27 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
                   f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
 
-    run = contextlib.ExitStack()  # held to the end: the final save and reports belong to this run too
+    resumes_itself = args.resume_from_checkpoint == "auto"
     try:
-        # One run per output folder: a second one (or the ranks of a killed launch still running) is refused.
-        run.enter_context(output_dir_lock(args.output_dir, enabled=args.process_index == 0))
-        # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
-        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        if args.process_index == 0 and args.resume_from_checkpoint == "auto" and resume is None:
-            print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
-        if args.process_index == 0 and resume:
-            print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
-        # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
-        trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+        # One run per output folder, held to the end (the final save and reports belong to this run too): a
+        # second one (or the ranks of a killed launch still running) is refused.
+        with output_dir_lock(args.output_dir, enabled=args.process_index == 0):
+            # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
+            resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+            if args.process_index == 0 and resumes_itself and resume is None:
+                print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
+            if args.process_index == 0 and resume:
+                print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
+            # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+            trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+            if interrupt.stopped:
+                return report_interrupt(args.output_dir, resumes_itself)
+            return _finish(trainer, result, model_args, data_args, run_args, objective_args, validation,
+                           train.seq_len, tokens_per_step, total_tokens, peak)
     except ConfigError as err:  # a broken checkpoint, a full disk, a busy output folder, too many rollbacks
-        run.close()
         return report_error(err)
-    with run:
-        return _finish(trainer, result, model_args, data_args, run_args, objective_args, validation, train.seq_len,
-                       tokens_per_step, total_tokens, peak)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
+        return report_interrupt(args.output_dir, resumes_itself)
 
 
 def batch_ramp_schedule(run_args: PretrainingArguments, args: TrainingArguments, data_parallel: int,
@@ -249,4 +254,4 @@ def _finish(trainer: PretrainingTrainer, result, model_args: ModelArguments, dat
 if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     transformers.logging.set_verbosity_warning()
-    exit_rank(main())
+    exit_rank(stop_quietly(main))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from cli import ConfigError, dotted_items, parse_args, report_error
+from cli import INTERRUPTED, ConfigError, dotted_items, parse_args, report_error
 from data_prep.config import load_config
 from data_prep.documents import read_documents
 from data_prep.instructions import build_instruction_set
@@ -44,7 +44,7 @@ from recipes import pretrain as pretrain_recipe
 from training.pretraining import SETTINGS_FILE
 from training.quickstart_report import write_quickstart_report
 from training.run_report import REPORT_DIR
-from training.stages import Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
+from training.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
@@ -133,7 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
     stages = Stages(out / "stages", args.force)
     started = time.perf_counter()
-    probe = plan(args, stages, data_dir)
 
     def data() -> dict:
         overrides = {**dotted_items(args.data_overrides), "output_dir": str(data_dir)}
@@ -144,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = pretrain_recipe.main(config=args.pretrain_config, overrides={
             **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(pretrain_dir),
             "resume_from_checkpoint": "auto"})
-        if code != 0:
+        if code != 0:  # an error line, or where a Ctrl-C stopped it, is printed already
             raise SystemExit(code)
         state = json.loads((pretrain_dir / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
@@ -180,15 +179,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"pretrained": sample(pretrain_dir, args.prompts, args, chat=False),
                 "finetuned": sample(finetune_dir / "merged", args.chat_prompts, args, chat=True)}
 
-    stages.run("data", data)
-    stages.run("pretrain", pretrain)
-    stages.run("perplexity", perplexity)
-    stages.run("instructions", instructions)
-    stages.run("finetune", finetune)
-    stages.run("generate", samples)
-    report = stages.run("report", lambda: {"path": str(write_quickstart_report(
-        out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
-        probe_step_seconds=probe))})
+    try:
+        probe = plan(args, stages, data_dir)
+        stages.run("data", data)
+        stages.run("pretrain", pretrain)
+        stages.run("perplexity", perplexity)
+        stages.run("instructions", instructions)
+        stages.run("finetune", finetune)
+        stages.run("generate", samples)
+        report = stages.run("report", lambda: {"path": str(write_quickstart_report(
+            out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
+            probe_step_seconds=probe))})
+    except KeyboardInterrupt:  # pretraining and finetuning say where they stopped themselves (a return code)
+        where = STAGE_TITLES[stages.current] if stages.current else "the plan"
+        print(f"stopped by Ctrl-C in {where}: finished stages are kept; the same command goes on from there",
+              file=sys.stderr, flush=True)
+        return INTERRUPTED
     print_summary(stages.results, time.perf_counter() - started)
     print(f"\nReport: {report['path']}\nNumbers: {out / 'results.json'}", flush=True)
     return 0

@@ -31,6 +31,7 @@ class Stages:
     def __init__(self, folder: Path, force: bool):
         self.folder, self.force = folder, force
         self.results: dict[str, dict] = {}
+        self.current: str | None = None  # the stage running or last run
         folder.mkdir(parents=True, exist_ok=True)
 
     def done(self, name: str) -> bool:
@@ -38,6 +39,7 @@ class Stages:
 
     def run(self, name: str, work: Callable[[], dict]) -> dict:
         marker, title = self.folder / f"{name}.json", STAGE_TITLES[name]
+        self.current = name
         number = len(self.results) + 1
         if self.done(name):
             result = json.loads(marker.read_text())
