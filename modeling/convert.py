@@ -1,7 +1,7 @@
 """Convert checkpoints between Ember and transformers' stock LLaMA-family classes.
 
-    python -m modeling.convert to-hf SRC DST     # Ember -> LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM
-    python -m modeling.convert from-hf SRC DST   # stock Llama / Mistral / Mixtral -> EmberForCausalLM
+    python -m modeling.convert to-hf SRC DST     # Ember -> Llama / Mistral / Mixtral / Qwen3 ...ForCausalLM
+    python -m modeling.convert from-hf SRC DST   # stock Llama / Mistral / Mixtral / Qwen3 -> EmberForCausalLM
     python -m modeling.convert to-gguf SRC OUT.gguf [--outtype=q8_0]   # llama.cpp, see modeling/gguf.py
 
 Ember's module names are those of `LlamaForCausalLM` (and its MoE layers are laid out as
@@ -13,10 +13,12 @@ Which stock class `to-hf` writes:
 * `LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU with SiLU, any head layout; biases allowed.
 * `MistralForCausalLM`: the same with `sliding_window` set, and no biases.
 * `MixtralForCausalLM`: `num_local_experts > 0` (with or without a sliding window), no attention bias.
+* `Qwen3ForCausalLM`: `qk_norm` (RMSNorm over each head's queries and keys before RoPE, as Ember applies it),
+  dense, without a sliding window or MLP biases.
 
 Settings no stock class can express (ALiBi / learned / sinusoidal / relative positions, LayerNorm,
-norms placed other than before each block, QK-norm, MLPs other than SwiGLU, an encoder, biases on
-Mistral / Mixtral) raise a one-line `ValueError` naming the field. So does an
+norms placed other than before each block, MLPs other than SwiGLU, an encoder, QK-norm with experts, a
+sliding window or MLP biases, biases on Mistral / Mixtral) raise a one-line `ValueError` naming the field. So does an
 activation other than SiLU: transformers would honour `hidden_act`, but vLLM and llama.cpp assume
 SiLU for these architectures and would run a different model.
 
@@ -56,6 +58,8 @@ from transformers import (
     MixtralForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from cli import ConfigError, honour_umask, parse_args, report_error
@@ -89,18 +93,22 @@ TYPE_FIELDS = {
     "llama": ("attention_bias", "mlp_bias"),
     "mistral": ("sliding_window",),
     "mixtral": ("sliding_window", *MOE_FIELDS),
+    "qwen3": ("attention_bias",),
 }
 STOCK_CLASSES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "mixtral": (MixtralConfig, MixtralForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
 }
 GENERATION_CONFIG_FILE = "generation_config.json"
 EMBER_CODE_FILES = ("configuration_ember.py", "modeling_ember.py", "modeling_ember_heads.py")
 
 
 def stock_model_type(config: EmberConfig) -> str:
-    """The stock `model_type` ("llama", "mistral" or "mixtral") that can hold this Ember config."""
+    """The stock `model_type` ("llama", "mistral", "mixtral" or "qwen3") that can hold this Ember config."""
+    if config.qk_norm:
+        return "qwen3"
     if config.num_local_experts > 0:
         return "mixtral"
     if config.sliding_window is not None:
@@ -136,7 +144,7 @@ def ember_config_to_hf(config: EmberConfig) -> PreTrainedConfig:
 def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None:
     """Raise a one-line `ValueError` naming the first field `target` cannot express."""
     required = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu",
-                "norm_placement": "pre", "qk_norm": False, "is_causal": True}
+                "norm_placement": "pre", "is_causal": True}
     for name, value in required.items():
         if getattr(config, name) != value:
             raise ValueError(
@@ -147,11 +155,18 @@ def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None
             f"num_attention_heads: {target} needs hidden_size={config.hidden_size} divisible by "
             f"num_attention_heads={config.num_attention_heads}"
         )
-    if model_type != "llama" and config.attention_bias:
+    if model_type in ("mistral", "mixtral") and config.attention_bias:
         raise ValueError(f"attention_bias: {target} has no attention biases")
-    # EmberConfig forbids mlp_bias with MoE, so only a dense Mistral export can hit this.
-    if model_type == "mistral" and config.mlp_bias:
+    # EmberConfig forbids mlp_bias with MoE, so only a dense Mistral or Qwen3 export can hit this.
+    if model_type in ("mistral", "qwen3") and config.mlp_bias:
         raise ValueError(f"mlp_bias: {target} has no MLP biases")
+    if model_type == "qwen3":  # qk_norm: Qwen3's dense class is the stock one with QK-norm
+        if config.num_local_experts > 0:
+            raise ValueError(f"num_local_experts: {config.num_local_experts} with qk_norm=True has no stock "
+                             f"transformers equivalent ({target} is dense)")
+        if config.sliding_window is not None:
+            raise ValueError(f"sliding_window: {config.sliding_window} with qk_norm=True has no stock transformers "
+                             f"equivalent ({target} attends to the whole context)")
 
 
 def hf_config_to_ember(config: PreTrainedConfig) -> EmberConfig:
@@ -161,6 +176,11 @@ def hf_config_to_ember(config: PreTrainedConfig) -> EmberConfig:
         raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)}, got {model_type!r}")
     kwargs = {name: getattr(config, name) for name in (*SHARED_FIELDS, *TYPE_FIELDS[model_type])}
     kwargs["norm_eps"] = config.rms_norm_eps
+    if model_type == "qwen3":
+        if any(kind != "full_attention" for kind in config.layer_types or ()):
+            raise ValueError("use_sliding_window: Ember has no per-layer sliding window; expected full attention "
+                             "in every layer")
+        kwargs["qk_norm"] = True
     # transformers keeps the legacy "type" alias next to "rope_type" when it read a `rope_scaling` dict.
     rope_parameters = copy.deepcopy(dict(config.rope_parameters or {}))
     rope_parameters.pop("type", None)
@@ -209,7 +229,7 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
 
 
 def from_hf(src: str | Path, dst: str | Path) -> None:
-    """Convert a stock Llama / Mistral / Mixtral checkpoint in `src` to an Ember checkpoint in `dst`.
+    """Convert a stock Llama / Mistral / Mixtral / Qwen3 checkpoint in `src` to an Ember checkpoint in `dst`.
 
     Weights keep the checkpoint's dtype. The Ember save writes its code files and `auto_map`, so the
     result loads anywhere with `trust_remote_code=True`. Tokenizer files and `generation_config.json`
@@ -293,7 +313,7 @@ def _write_legacy_config_keys(path: Path) -> None:
 
 
 COMMANDS = {"to-hf": "Ember checkpoint -> stock LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM",
-            "from-hf": "stock Llama / Mistral / Mixtral checkpoint -> Ember",
+            "from-hf": "stock Llama / Mistral / Mixtral / Qwen3 checkpoint -> Ember",
             "to-gguf": "Ember checkpoint or LoRA adapter -> one GGUF file for llama.cpp"}
 
 

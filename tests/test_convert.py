@@ -17,6 +17,8 @@ from transformers import (
     MixtralConfig,
     MixtralForCausalLM,
     PreTrainedModel,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from modeling import EmberConfig, EmberForCausalLM
@@ -141,6 +143,17 @@ def test_to_hf_sliding_window_is_mistral(tmp_path: Path) -> None:
     assert_same_logits(ember, hf, seq_len=20)  # longer than the window, so the window matters
 
 
+def test_to_hf_qk_norm_is_qwen3(tmp_path: Path) -> None:
+    ember = save_ember(tmp_path / "ember", qk_norm=True, attention_bias=True, tie_word_embeddings=False)
+    assert to_hf(tmp_path / "ember", tmp_path / "hf") == "Qwen3ForCausalLM"
+    config = read_config(tmp_path / "hf")
+    assert config["model_type"] == "qwen3" and "auto_map" not in config
+    assert not list((tmp_path / "hf").glob("*.py"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(hf) is Qwen3ForCausalLM and hf.config.attention_bias
+    assert_same_logits(ember, hf)
+
+
 @pytest.mark.parametrize("sliding_window", [None, 6])
 def test_to_hf_moe_is_mixtral(tmp_path: Path, sliding_window: int | None) -> None:
     ember = save_ember(tmp_path / "ember", num_local_experts=4, num_experts_per_tok=2, sliding_window=sliding_window)
@@ -183,7 +196,9 @@ def test_to_hf_keeps_dtype_and_copies_side_files(tmp_path: Path) -> None:
         ({"position_embedding_type": "relative"}, "position_embedding_type"),
         ({"norm_placement": "post"}, "norm_placement"),
         ({"norm_placement": "sandwich"}, "norm_placement"),
-        ({"qk_norm": True}, "qk_norm"),
+        ({"qk_norm": True, "num_local_experts": 4}, "num_local_experts"),
+        ({"qk_norm": True, "sliding_window": 8}, "sliding_window"),
+        ({"qk_norm": True, "mlp_bias": True}, "mlp_bias"),
         ({"is_causal": False}, "is_causal"),
         ({"sliding_window": 8, "attention_bias": True}, "attention_bias"),
         ({"sliding_window": 8, "mlp_bias": True}, "mlp_bias"),
@@ -230,6 +245,7 @@ def stock_models() -> list:
         pytest.param(
             MixtralForCausalLM, MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2), id="mixtral"
         ),
+        pytest.param(Qwen3ForCausalLM, Qwen3Config(**common, attention_bias=True), id="qwen3"),
     ]
 
 

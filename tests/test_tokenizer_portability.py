@@ -185,9 +185,12 @@ def test_make_portable_states_a_bos_the_post_processor_adds(tmp_path):
     assert after == before and all(ids[0] == 0 and 0 not in ids[1:] for ids in after)
 
 
-@pytest.mark.parametrize("overrides", [pytest.param({}, id="llama"),
-                                       pytest.param({"num_local_experts": 4, "num_experts_per_tok": 2}, id="mixtral")])
-def test_to_hf_export_loads_in_transformers_4_with_equal_logits(data_dir, transformers4_python, tmp_path, overrides):
+@pytest.mark.parametrize("overrides, stock_class", [
+    pytest.param({}, "LlamaForCausalLM", id="llama"),
+    pytest.param({"num_local_experts": 4, "num_experts_per_tok": 2}, "MixtralForCausalLM", id="mixtral"),
+    pytest.param({"qk_norm": True}, "Qwen3ForCausalLM", id="qwen3")])
+def test_to_hf_export_loads_in_transformers_4_with_equal_logits(data_dir, transformers4_python, tmp_path, overrides,
+                                                                stock_class):
     torch.manual_seed(0)
     config = EmberConfig.from_preset("nano", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -203,7 +206,7 @@ def test_to_hf_export_loads_in_transformers_4_with_equal_logits(data_dir, transf
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     loaded = run_transformers4(transformers4_python, tmp_path / "hf", ids.tolist(), tmp_path / "logits.pt")
     assert loaded["tokenizer"] == probe(tmp_path / "hf")
-    assert loaded["class"] == ("MixtralForCausalLM" if overrides else "LlamaForCausalLM")
+    assert loaded["class"] == stock_class
     with torch.no_grad():
         expected = model(ids).logits
     assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() <= 1e-5
