@@ -3,26 +3,28 @@
     python -m modeling.convert to-gguf SRC OUT.gguf [--outtype=f32|f16|bf16|q8_0]
 
 The file is written with the `gguf` package that ggml publishes with llama.cpp: architecture `llama`
-(dense models and Mixtral-style MoE alike), the weights under llama.cpp's tensor names, and the
-tokenizer as llama.cpp's byte-level BPE (`gpt2`) vocabulary with merges, token types, special token
-ids, explicit add-BOS / add-EOS flags and the chat template.
+(dense models and Mixtral-style MoE alike), or `qwen3` for a dense model with `qk_norm` (llama.cpp's Qwen3
+graph normalises each head's queries and keys before RoPE, as Ember does), the weights under llama.cpp's
+tensor names, and the tokenizer as llama.cpp's byte-level BPE (`gpt2`) vocabulary with merges, token types,
+special token ids, explicit add-BOS / add-EOS flags and the chat template.
 
 What llama.cpp needs that transformers does not:
 
 * Rotary layout. transformers rotates dimension i of a head together with i + head_dim/2; llama.cpp's
   `llama` graph rotates adjacent pairs (2i, 2i+1). The rows of q_proj and k_proj (and their biases) are
-  reordered accordingly, which leaves q.k, and so the model, unchanged.
+  reordered accordingly, which leaves q.k, and so the model, unchanged. Its `qwen3` graph rotates as
+  transformers does, so a `qwen3` export keeps the rows (and the per-head QK-norm weights) as they are.
 * Pre-tokenizer type. llama.cpp does not read a tokenizer's split regex; it knows a fixed set of them by
   name. The tokenizer.json is checked, not assumed: the byte-level BPE that data_prep trains splits
   text with exactly the regex llama.cpp calls `qwen2`, and anything else is refused.
 * The chat template's `{% generation %}` markers (transformers' assistant mask) are not plain Jinja;
   they render as nothing, so the GGUF carries the template with them turned into no-op blocks.
 
-Settings the `llama` architecture cannot run are refused with a one-line `ValueError` naming the field:
+Settings the architecture cannot run are refused with a one-line `ValueError` naming the field:
 a sliding window (llama.cpp would attend to the whole context: same logits up to the window, different
 after it; no llama.cpp architecture with Ember's layout applies a window to every layer), positions
 other than RoPE, RoPE scaling other than linear, LayerNorm, the plain GELU MLP, an activation other
-than SiLU.
+than SiLU; for `qwen3`, also experts and biases.
 
 Outtypes: `f32` keeps every weight in float32; `f16` and `bf16` store matrices in 16 bits; `q8_0`
 stores matrices as llama.cpp's 8-bit blocks (a matrix whose rows are not a multiple of 32 stays f16).
@@ -49,7 +51,7 @@ from . import EmberConfig, EmberForCausalLM
 from .loading import adapter_base, is_adapter, load_model
 from .tokenizer_config import adds_bos_eos
 
-ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+LLAMA, QWEN3 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
 OUTTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -80,6 +82,8 @@ LAYER_TENSORS = {
     "mlp.down_proj": T.FFN_DOWN,
     "mlp.gate": T.FFN_GATE_INP,
     "mlp.experts.down_proj": T.FFN_DOWN_EXP,
+    "self_attn.q_norm": T.ATTN_Q_NORM,  # qwen3 only
+    "self_attn.k_norm": T.ATTN_K_NORM,
 }
 MODEL_TENSORS = {"model.embed_tokens.weight": T.TOKEN_EMBD, "model.norm.weight": T.OUTPUT_NORM,
                  "lm_head.weight": T.OUTPUT}
@@ -90,15 +94,26 @@ _GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
 # Checks
 # ---------------------------------------------------------------------------------------------------------------
 
+def architecture(config: EmberConfig) -> str:
+    """The llama.cpp architecture that runs `config`: `qwen3` for QK-norm, else `llama`."""
+    return QWEN3 if config.qk_norm else LLAMA
+
+
 def check_config(config: EmberConfig) -> None:
-    """Raise a one-line `ValueError` naming the first setting llama.cpp's `llama` architecture cannot run."""
+    """Raise a one-line `ValueError` naming the first setting llama.cpp's architecture for `config` cannot run."""
+    arch = architecture(config)
     for name, value in REQUIRED.items():
         if getattr(config, name) != value:
             raise ValueError(f"{name}: {getattr(config, name)!r} cannot be exported to GGUF "
-                             f"(llama.cpp's {ARCH} architecture needs {value!r})")
+                             f"(llama.cpp's {arch} architecture needs {value!r})")
     if config.sliding_window is not None:
-        raise ValueError(f"sliding_window: {config.sliding_window} cannot be exported to GGUF (llama.cpp's {ARCH} "
+        raise ValueError(f"sliding_window: {config.sliding_window} cannot be exported to GGUF (llama.cpp's {arch} "
                          "architecture attends to the whole context: outputs would differ past the window)")
+    if arch == QWEN3:
+        for name in ("num_local_experts", "attention_bias", "mlp_bias"):
+            if getattr(config, name):
+                raise ValueError(f"{name}: {getattr(config, name)!r} with qk_norm=True cannot be exported to GGUF "
+                                 f"(llama.cpp's {arch} architecture is dense, without biases)")
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type not in ROPE_SCALING:
         raise ValueError(f"rope_parameters.rope_type: {rope_type!r} cannot be exported to GGUF "
@@ -165,9 +180,9 @@ def gguf_tensors(model: EmberForCausalLM) -> list[tuple[str, np.ndarray]]:
             continue
         if name not in LAYER_TENSORS:
             raise ValueError(f"{key}: no llama.cpp tensor for this parameter")
-        if name == "self_attn.q_proj":
+        if architecture(config) == LLAMA and name == "self_attn.q_proj":
             array = rope_pairs_interleaved(array, config.num_attention_heads)
-        elif name == "self_attn.k_proj":
+        elif architecture(config) == LLAMA and name == "self_attn.k_proj":
             array = rope_pairs_interleaved(array, config.num_key_value_heads)
         tensors.append((gguf.TENSOR_NAMES[LAYER_TENSORS[name]].format(bid=layer) + "." + (kind or "weight"), array))
     return tensors
@@ -240,7 +255,7 @@ def write_gguf(model: EmberForCausalLM, tokenizer_dir: Path, out: Path, outtype:
     os.close(handle)
     tmp = Path(tmp_name)
     try:
-        writer = gguf.GGUFWriter(tmp, ARCH)
+        writer = gguf.GGUFWriter(tmp, architecture(config))
         writer.add_name(name or out.stem)
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -276,7 +291,7 @@ def write_gguf(model: EmberForCausalLM, tokenizer_dir: Path, out: Path, outtype:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"architecture": ARCH, "outtype": outtype, "pre_tokenizer": pre, "path": str(out)}
+    return {"architecture": architecture(config), "outtype": outtype, "pre_tokenizer": pre, "path": str(out)}
 
 
 def to_gguf(src: str | Path, out: str | Path, outtype: str = "f16") -> dict[str, Any]:

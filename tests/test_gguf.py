@@ -116,12 +116,21 @@ def moe(data_dir, tmp_path_factory, one_torch_thread):
 
 
 @pytest.fixture(scope="module")
+def qwen3(data_dir, tmp_path_factory, one_torch_thread):
+    """QK-norm: exported as llama.cpp's qwen3 architecture."""
+    exported = trained_export(tmp_path_factory, data_dir, "qwen3", f"{NANO}, qk_norm: true")
+    assert exported.f32.metadata["general.architecture"] == "qwen3"
+    yield exported
+    exported.close()
+
+
+@pytest.fixture(scope="module")
 def held_out(data_dir) -> list[str]:
     """Held-out documents of the data_prep run, cut to 3,000 characters each to keep the test short."""
     return [text[:3000] for text in read_documents(data_dir / "documents" / "validation") if text.strip()][:6]
 
 
-@pytest.fixture(params=["dense", "moe"])
+@pytest.fixture(params=["dense", "moe", "qwen3"])
 def exported(request) -> Exported:
     return request.getfixturevalue(request.param)
 
@@ -277,6 +286,9 @@ def test_lora_adapter_is_merged_and_exported_in_one_command(dense, tmp_path, hel
     pytest.param({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}, id="rope-linear"),
     pytest.param({"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True,
                   "tie_word_embeddings": True}, id="moe-biases-tied"),
+    pytest.param({"qk_norm": True}, id="qk-norm-qwen3"),
+    pytest.param({"qk_norm": True, "num_key_value_heads": 1, "head_dim": 32, "tie_word_embeddings": True},
+                 id="qk-norm-qwen3-mqa-tied"),
 ])
 def test_architecture_variants_have_equal_logits(data_dir, tmp_path, overrides):
     """Random weights of a larger scale than an initialisation, so biases and norms are checked too."""
@@ -338,6 +350,9 @@ def save_tiny(path: Path, tokenizer_dir: Path, **overrides) -> Path:
     ({"mlp_type": "gelu"}, "mlp_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_parameters.rope_type"),
+    ({"qk_norm": True, "num_local_experts": 4}, "num_local_experts"),
+    ({"qk_norm": True, "attention_bias": True}, "attention_bias"),
+    ({"qk_norm": True, "mlp_bias": True}, "mlp_bias"),
 ])
 def test_settings_llama_cpp_cannot_run_are_refused(data_dir, tmp_path, overrides, field):
     src = save_tiny(tmp_path / "ember", data_dir / "tokenizer", **overrides)
