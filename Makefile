@@ -21,12 +21,17 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(VENV)/.installed-all
 install-quickstart: $(VENV)/.installed-quickstart
 
+# The venv is checked, not $(PYTHON): a $(PYTHON) that is itself a venv's (an activated one) sees a torch
+# that a venv made from it does not, since a venv's system site is its base interpreter's.
 $(PY):
 	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
-		echo "reusing the torch already installed for $(PYTHON)"; \
 		$(PYTHON) -m venv --system-site-packages $(VENV); \
 	else \
 		$(PYTHON) -m venv $(VENV); \
+	fi
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "reusing the torch already installed for $(PYTHON)"; \
+	else \
 		$(PY) -m pip install --upgrade pip; \
 		$(PY) -m pip install "torch==$(TORCH_VERSION)"; \
 	fi

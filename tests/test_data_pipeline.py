@@ -344,24 +344,32 @@ def test_a_given_tokenizer_is_copied_and_packs_exactly_as_when_it_was_trained(da
     assert report["vocab_size"] == 512
 
 
-def test_a_tokenizer_budget_smaller_than_the_corpus_samples_all_of_it_evenly(finished_run):
+def test_a_tokenizer_budget_smaller_than_the_corpus_samples_all_of_it_evenly(finished_run, tmp_path):
     import dataclasses
 
+    from data_prep.io import write_docs
     from data_prep.pipeline import _round_robin, tokenizer_sample_share
 
     cfg = finished_run[0]
     files = sorted((Path(cfg.output_dir) / "documents" / "train").glob("*.jsonl.zst"))
-    everything = list(_round_robin(files))
-    total = sum(len(t.encode("utf-8")) for t in everything)
+    total = sum(len(t.encode("utf-8")) for t in _round_robin(files))
     assert tokenizer_sample_share(cfg) == 1.0  # the default budget holds the whole corpus: every document
     small = dataclasses.replace(cfg, tokenizer=dataclasses.replace(cfg.tokenizer, train_bytes=total // 4))
     share = tokenizer_sample_share(small)
     assert 0.2 < share < 0.4  # a quarter, with the margin and the held-out estimate
-    sample = list(_round_robin(files, share))
+
+    # The draw itself, on fixed ids (the run's ids hold its temporary path): 3 shards of 400 documents.
+    shards = [tmp_path / f"{s}.jsonl.zst" for s in range(3)]
+    for s, path in enumerate(shards):
+        write_docs(path, ({"id": f"src/file{s}-{i}.py", "text": f"{s}-{i}"} for i in range(400)))
+    everything = list(_round_robin(shards))
+    sample = list(_round_robin(shards, 0.25))
     positions = [everything.index(text) for text in sample]
-    assert 0.1 < len(sample) / len(everything) < 0.5
+    assert 0.2 < len(sample) / len(everything) < 0.3
     assert positions == sorted(positions)  # the same order, a subset
-    assert max(positions) > 0.75 * len(everything) and min(positions) < 0.25 * len(everything)
+    tenths = {10 * p // len(everything) for p in positions}
+    assert tenths == set(range(10))  # from every part of the corpus
+    assert {text.split("-")[0] for text in sample} == {"0", "1", "2"}  # and every shard
 
 
 def test_a_tar_archive_packs_the_same_tokens_as_the_folder_it_was_made_from(corpus_dir, tmp_path):

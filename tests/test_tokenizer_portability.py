@@ -105,7 +105,10 @@ def transformers4_python() -> Path:
     """The Python of a venv with transformers 4.x and this environment's torch; made once, reused after."""
     torch_dist = importlib.metadata.distribution("torch")
     site = Path(torch_dist.locate_file(""))
-    shared = [site / name for name in (torch_dist.read_text("top_level.txt") or "torch").split()]
+    # torch's top-level packages (torch, torchgen, functorch): top_level.txt where the wheel has one (not 2.14's)
+    top_level = (torch_dist.read_text("top_level.txt") or "").split() or sorted(
+        {file.parts[0] for file in torch_dist.files or () if len(file.parts) == 2 and file.name == "__init__.py"})
+    shared = [site / name for name in top_level]
     shared += list(site.glob(f"torch-{torch_dist.version}.dist-info"))
     pins = [line for line in (REPO_ROOT / "constraints.txt").read_text().splitlines()
             if line.split("==")[0].lower().replace("_", "-") not in {"transformers", "tokenizers", "huggingface-hub"}]
