@@ -23,7 +23,7 @@ What llama.cpp needs that transformers does not:
 Settings the architecture cannot run are refused with a one-line `ValueError` naming the field:
 a sliding window (llama.cpp would attend to the whole context: same logits up to the window, different
 after it; no llama.cpp architecture with Ember's layout applies a window to every layer), positions
-other than RoPE, RoPE scaling other than linear, LayerNorm, the plain GELU MLP, an activation other
+other than RoPE, dynamic (NTK) RoPE scaling, LayerNorm, the plain GELU MLP, an activation other
 than SiLU; for `qwen3`, also experts and biases.
 
 Outtypes: `f32` keeps every weight in float32; `f16` and `bf16` store matrices in 16 bits; `q8_0`
@@ -34,6 +34,7 @@ Norm weights, biases and the MoE router stay float32 in every outtype, as llama.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -66,7 +67,9 @@ PRE_TOKENIZER_TYPES = {
 }
 # Settings the llama graph hard-codes.
 REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu"}
-ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR}
+# RoPE types llama.cpp runs (llama3 through a per-frequency factor tensor, not a scaling type).
+ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN,
+                "llama3": None}
 
 T = gguf.MODEL_TENSOR
 # Ember module or parameter (the part after "model.layers.N.") -> llama.cpp tensor.
@@ -118,6 +121,9 @@ def check_config(config: EmberConfig) -> None:
     if rope_type not in ROPE_SCALING:
         raise ValueError(f"rope_parameters.rope_type: {rope_type!r} cannot be exported to GGUF "
                          f"(supported: {', '.join(ROPE_SCALING)})")
+    if rope_type == "llama3" and arch == QWEN3:
+        raise ValueError(f"rope_parameters.rope_type: 'llama3' with qk_norm=True cannot be exported to GGUF "
+                         f"(llama.cpp's {arch} architecture reads no per-frequency factors)")
 
 
 def pre_tokenizer_type(state: dict[str, Any], where: str) -> str:
@@ -186,6 +192,32 @@ def gguf_tensors(model: EmberForCausalLM) -> list[tuple[str, np.ndarray]]:
             array = rope_pairs_interleaved(array, config.num_key_value_heads)
         tensors.append((gguf.TENSOR_NAMES[LAYER_TENSORS[name]].format(bid=layer) + "." + (kind or "weight"), array))
     return tensors
+
+
+def _add_rope(writer: gguf.GGUFWriter, model: EmberForCausalLM) -> None:
+    """RoPE's base and scaling as llama.cpp reads them: linear and YaRN through the rope.scaling keys; llama3
+    through `rope_freqs`, the factor that divides each frequency (the unscaled ones over transformers' own)."""
+    config = model.config
+    rope = dict(config.rope_parameters or {})
+    rope_type, base = rope.get("rope_type", "default"), float(rope.get("rope_theta", 10000.0))
+    writer.add_rope_freq_base(base)
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(ROPE_SCALING[rope_type])
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if rope_type == "yarn":
+        factor = float(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast") or 32))
+        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow") or 1))
+        # llama.cpp scales cos/sin by YaRN's own 1 + 0.1 ln(factor) times rope.scaling.attn_factor; transformers by
+        # its attention factor, which is that unless rope_parameters sets attention_factor or mscale.
+        attention = model.model.rotary_emb.attention_scaling
+        writer.add_rope_scaling_attn_factors(float(attention / (1 + 0.1 * math.log(factor))))
+    if rope_type == "llama3":
+        dim = config.head_dim
+        unscaled = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        factors = (unscaled / model.model.rotary_emb.original_inv_freq.double()).float().numpy()
+        writer.add_tensor(gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", factors, raw_dtype=gguf.GGMLQuantizationType.F32)
 
 
 def _encode(name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, Any]:
@@ -270,12 +302,7 @@ def write_gguf(model: EmberForCausalLM, tokenizer_dir: Path, out: Path, outtype:
         writer.add_value_length(config.head_dim)
         writer.add_rope_dimension_count(config.head_dim)
         writer.add_layer_norm_rms_eps(config.norm_eps)
-        rope = dict(config.rope_parameters or {})
-        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        scaling = ROPE_SCALING[rope.get("rope_type", "default")]
-        if scaling is not None:
-            writer.add_rope_scaling_type(scaling)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
+        _add_rope(writer, model)
         if config.num_local_experts > 0:
             writer.add_expert_count(config.num_local_experts)
             writer.add_expert_used_count(config.num_experts_per_tok)
