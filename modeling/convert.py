@@ -206,8 +206,9 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     if model_type != EmberConfig.model_type:
         raise ValueError(f"model_type: {src} holds a {model_type!r} checkpoint, to-hf converts 'ember' ones")
 
+    hf_config = ember_config_to_hf(EmberConfig.from_pretrained(src))  # refuses by field, before any loading
     ember = _load_strict(EmberForCausalLM, src)
-    hf_model = _rebuild_as(ember, ember_config_to_hf(ember.config))
+    hf_model = _rebuild_as(ember, hf_config)
     del ember
 
     hf_model.save_pretrained(dst)

@@ -23,8 +23,8 @@ What llama.cpp needs that transformers does not:
 Settings the architecture cannot run are refused with a one-line `ValueError` naming the field:
 a sliding window (llama.cpp would attend to the whole context: same logits up to the window, different
 after it; no llama.cpp architecture with Ember's layout applies a window to every layer), positions
-other than RoPE, dynamic (NTK) RoPE scaling, LayerNorm, the plain GELU MLP, an activation other
-than SiLU; for `qwen3`, also experts and biases.
+other than RoPE, dynamic (NTK) RoPE scaling, LayerNorm, norms other than pre-norm, an encoder, the plain
+GELU MLP, an activation other than SiLU; for `qwen3`, also experts and biases.
 
 Outtypes: `f32` keeps every weight in float32; `f16` and `bf16` store matrices in 16 bits; `q8_0`
 stores matrices as llama.cpp's 8-bit blocks (a matrix whose rows are not a multiple of 32 stays f16).
@@ -66,7 +66,8 @@ PRE_TOKENIZER_TYPES = {
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
 # Settings the llama graph hard-codes.
-REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu"}
+REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu",
+            "norm_placement": "pre", "is_causal": True}
 # RoPE types llama.cpp runs (llama3 through a per-frequency factor tensor, not a scaling type).
 ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN,
                 "llama3": None}
