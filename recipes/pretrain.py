@@ -40,6 +40,7 @@ from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
 from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume, saved_step
 from training.data_order import BatchRamp
+from training.downstream import DownstreamEvalCallback
 from training.hub import push
 from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
 from training.objectives import build_collator
@@ -109,6 +110,12 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
                               "and save_steps")
         scheduler, args.lr_scheduler_kwargs = lr_scheduler_kwargs(run_args.schedule, run_args.min_lr_ratio,
                                                                   max_steps=args.max_steps)
+        if run_args.downstream_tasks and model_args.tp_size > 1:
+            raise ConfigError("downstream_tasks: rank 0 evaluates its own copy of the model, which tensor parallel "
+                              "shards; run them on a checkpoint (evaluation/downstream.py) instead")
+        downstream = (DownstreamEvalCallback(run_args.downstream_tasks, run_args.downstream_include_path,
+                                             run_args.downstream_steps, run_args.downstream_limit)
+                      if run_args.downstream_tasks else None)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         return report_error(err)
     args.lr_scheduler_type = SchedulerType(scheduler)
@@ -146,7 +153,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
                                            run_args.loss_spike_skip_ahead)
                          if run_args.loss_spike_zscore else None),
             eval_bytes_per_token=eval_bytes_per_token,
-            ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None,
+            ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None, downstream=downstream,
             callbacks=[ThroughputCallback(flops, step_tokens, peak, args.world_size),
                        NonFiniteGuardCallback(run_args.max_consecutive_nonfinite), interrupt])
 

@@ -134,9 +134,20 @@ class PretrainingArguments(OptimizerArguments):
     loss_spike_skip_ahead: int = field(default=0, metadata={
         "help": "a rollback also skips the data of this many steps after the spike"})
     max_rollbacks: int = field(default=3, metadata={"help": "stop with an error after this many loss-spike rollbacks"})
+    # downstream tasks during training (training/downstream.py)
+    downstream_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-eval tasks run on rank 0 every downstream_steps steps and at the last (the eval extra)"})
+    downstream_include_path: list[str] = field(default_factory=list, metadata={
+        "help": "folders of local lm-eval task YAMLs, e.g. tests/data/lm_eval_tasks"})
+    downstream_steps: int = field(default=0, metadata={"help": "how often the downstream tasks run, in steps"})
+    downstream_limit: float | None = field(default=None, metadata={
+        "help": "examples per downstream task (a fraction of each when < 1); all when unset"})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.downstream_tasks and self.downstream_steps < 1:
+            raise ValueError(f"downstream_steps: set how often downstream_tasks run (>= 1), got "
+                             f"{self.downstream_steps}")
         if self.z_loss < 0:
             raise ValueError(f"z_loss: must be >= 0, got {self.z_loss}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -194,7 +205,7 @@ class ObjectiveArguments:
                              "no token would be left to score")
 
 
-PRETRAIN_PATH_KEYS = ("data_dir", "output_dir")
+PRETRAIN_PATH_KEYS = ("data_dir", "output_dir", "downstream_include_path.*")
 
 
 # ---------------------------------------------------------------------------------------------------------------

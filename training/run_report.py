@@ -25,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from evaluation.perplexity import perplexity
+from training.downstream import PREFIX as DOWNSTREAM_PREFIX
+from training.downstream import SECONDS as DOWNSTREAM_SECONDS
 from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
 
 
@@ -47,6 +49,7 @@ def cpu_model_name() -> str:
 
 
 REPORT_DIR = "run_report"
+DOWNSTREAM_PLOT = "downstream_{metric}.png"
 FIGURE_SIZE_INCHES = (7.0, 4.0)
 FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a model repository
 # What a loss (and its perplexity) covers under each pretraining objective, said after its label: a masked-LM
@@ -257,6 +260,22 @@ def _write_plots(report_dir: Path, log_history: list[dict], tokens_per_step: int
                 continue
             reason = f" ({plot.why_missing})" if plot.why_missing else ""
             notes.append(f"{plot.title}: not plotted, no finite `{plot.lines[0].key}` in the logs{reason}.")
+    # Downstream tasks during training (training/downstream.py): a plot per metric, a line per task.
+    for stale in report_dir.glob(DOWNSTREAM_PLOT.format(metric="*")):
+        stale.unlink()
+    scored = [entry for entry in log_history if any(key.startswith(DOWNSTREAM_PREFIX) for key in entry)]
+    seconds = _series(scored, DOWNSTREAM_SECONDS)[1]
+    cost = f", {statistics.median(seconds):.1f} s per evaluation" if seconds else ""
+    by_metric: dict[str, list] = {}
+    for key in sorted({key for entry in scored for key in entry if key.startswith(DOWNSTREAM_PREFIX)}):
+        task, _, metric = key.removeprefix(DOWNSTREAM_PREFIX).rpartition("/")
+        steps, values, _ = _series(scored, key)
+        if steps:
+            by_metric.setdefault(metric, []).append((task, steps, values))
+    for metric, lines in by_metric.items():
+        file, title = DOWNSTREAM_PLOT.format(metric=metric), f"Downstream tasks: {metric}{cost}"
+        draw_lines(report_dir / file, title, metric, lines, tokens_per_step)
+        written.append((title, file))
     return written, notes
 
 

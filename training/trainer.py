@@ -33,6 +33,7 @@ from training.averaging import EMACallback
 from training.callbacks import use_log_lines
 from training.checkpoints import ReadableSavesMixin, save_failure
 from training.data_order import StepBatchSampler
+from training.downstream import DownstreamEvalCallback
 from training.muon import OptimizerChoiceMixin
 from training.optim import decay_parameter_names
 from training.spikes import DataState, LossSpikeCallback, global_mean
@@ -70,7 +71,8 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
 
     def __init__(self, *args, optimizer_options=None, z_loss: float = 0.0, step_micro_batches: list[int] | None = None,
                  loss_spikes: LossSpikeCallback | None = None, data_state: DataState | None = None,
-                 ema: EMACallback | None = None, eval_bytes_per_token: float | None = None, **kwargs):
+                 ema: EMACallback | None = None, eval_bytes_per_token: float | None = None,
+                 downstream: DownstreamEvalCallback | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_bytes_per_token = eval_bytes_per_token
         use_log_lines(self)
@@ -98,6 +100,11 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
         if loss_spikes is not None:
             loss_spikes.step_loss = self._pop_step_loss
         self.add_callback(_ProgressCallback(self))
+        if downstream is not None:
+            if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                raise ConfigError("downstream_tasks: rank 0 evaluates its own copy of the model, which FSDP and "
+                                  "DeepSpeed shard; run them on a checkpoint (evaluation/downstream.py) instead")
+            self.add_callback(downstream.bind(self))
         if self.args.torch_compile:
             prepare_for_compile(self.model)
 
