@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-quickstart quickstart data data-linux linux-corpus test slurm-deps test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data data-linux linux-corpus test slurm-deps browser-deps test-gpu test-min-transformers gpu-prep lint clean
 
 install: $(VENV)/.installed-all
 install-quickstart: $(VENV)/.installed-quickstart
@@ -45,8 +45,10 @@ $(VENV)/.installed-quickstart: pyproject.toml constraints.txt | $(PY)
 	@touch $@
 
 # The main job: data prep -> tokenizer -> pretraining -> held-out perplexity -> LoRA -> samples -> report.
+# `make quickstart QUICKSTART_ARGS=--dashboard` watches it live in TensorBoard (after `make install`).
+QUICKSTART_ARGS ?=
 quickstart: install-quickstart
-	$(PY) recipes/quickstart.py
+	$(PY) recipes/quickstart.py $(QUICKSTART_ARGS)
 
 # The data pipeline on the embedded default corpus (the interpreter's standard library), offline.
 data: install-quickstart
@@ -65,7 +67,7 @@ linux-corpus:
 data-linux: install-quickstart linux-corpus
 	$(PY) -m data_prep run --config recipes/configs/data/linux.yaml --workers=2
 
-test: install slurm-deps
+test: install slurm-deps browser-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests
 
 # A one-machine Slurm for tests/test_data_slurm.py (Debian packages; the test starts and stops the daemons).
@@ -77,6 +79,14 @@ slurm-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			$(SLURM_PACKAGES) >/dev/null; \
 	else echo "slurm-deps: not root or no apt-get; install $(SLURM_PACKAGES) to run the Slurm tests"; fi
+
+# A real headless browser for tests/test_dashboard.py (Debian's chromium), installed the same way.
+browser-deps:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; \
+	else echo "browser-deps: not root or no apt-get; install chromium to run the dashboard test"; fi
 
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install

@@ -41,6 +41,7 @@ from modeling import EmberConfig
 from modeling.loading import load_checkpoint
 from recipes import finetune_lora as finetune_recipe
 from recipes import pretrain as pretrain_recipe
+from training.dashboard import start_dashboard
 from training.pretraining import SETTINGS_FILE
 from training.quickstart_report import write_quickstart_report
 from training.run_report import REPORT_DIR
@@ -72,6 +73,9 @@ class QuickstartArguments:
     top_k: int = 40
     eta_reference: dict = field(default_factory=dict, metadata={
         "help": "a measured run the plan's estimates scale from: {probe_step_seconds, pretrain_steps, seconds}"})
+    dashboard: bool = field(default=False, metadata={
+        "help": "watch the training live: TensorBoard on 127.0.0.1 (needs the tracking extra), URL printed at start"})
+    dashboard_port: int = 6006
 
 
 def held_out_bits_per_byte(model, tokenizer, data_dir: Path, args: QuickstartArguments) -> dict:
@@ -133,6 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
     stages = Stages(out / "stages", args.force)
     started = time.perf_counter()
+    if args.dashboard:  # both trainings log to TensorBoard under `out`, which the server watches
+        try:
+            dashboard, url = start_dashboard(out, args.dashboard_port)
+        except ConfigError as err:
+            return report_error(err)
+        print(f"Dashboard: {url} (TensorBoard over {out}; it stops when the quickstart ends)", flush=True)
+        args.pretrain_overrides = {**args.pretrain_overrides, "report_to": ["tensorboard"]}
+        args.finetune_overrides = {**args.finetune_overrides, "report_to": ["tensorboard"]}
 
     def data() -> dict:
         overrides = {**dotted_items(args.data_overrides), "output_dir": str(data_dir)}
@@ -195,6 +207,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stopped by Ctrl-C in {where}: finished stages are kept; the same command goes on from there",
               file=sys.stderr, flush=True)
         return INTERRUPTED
+    finally:
+        if args.dashboard:
+            dashboard.terminate()
+            dashboard.wait(timeout=30)
+            print(f"Dashboard stopped; `tensorboard --logdir {out}` shows the runs again", flush=True)
     print_summary(stages.results, time.perf_counter() - started)
     print(f"\nReport: {report['path']}\nNumbers: {out / 'results.json'}", flush=True)
     return 0

@@ -3,11 +3,15 @@ pretrained model beats its untrained self on held-out text, and a re-run skips t
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import recipe_error
+
+from training.dashboard import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -35,7 +39,13 @@ def quickstart(output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     out = tmp_path / "quickstart"
-    first = quickstart(out)
+    port = free_port()
+    first = quickstart(out, "--dashboard", f"--dashboard_port={port}")  # watched live: both trainings in TensorBoard
+    assert f"Dashboard: http://127.0.0.1:{port}/" in first.stdout and "Dashboard stopped" in first.stdout
+    assert list((out / "pretrain" / "runs").glob("*/events.out.tfevents.*"))
+    assert list((out / "finetune" / "runs").glob("*/events.out.tfevents.*"))
+    with pytest.raises(OSError):  # the server ended with the quickstart
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
     stages = ["data", "pretrain", "perplexity", "instructions", "finetune", "generate", "report"]
     assert sorted(p.stem for p in (out / "stages").glob("*.json")) == sorted(stages)
 

@@ -302,6 +302,8 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
                 step = min(max(self.state.global_step, 1), len(self.step_micro_batches))
                 logs["batch_tokens"] = (self.step_micro_batches[step - 1] * self._train_batch_size
                                         * self.args.world_size * self.train_dataset.seq_len)
+            if self.loss_spikes is not None:  # rollbacks so far, resumes included: a live dashboard shows them
+                logs["rollbacks"] = len(self.data_state.rollbacks)
             if self.z_loss and int(self._z_count):  # this rank's tokens; the loss includes z_loss x this
                 logs["z_loss"] = float(self._z_sum / self._z_count)
                 self._z_sum, self._z_count = 0.0, 0
