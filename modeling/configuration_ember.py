@@ -106,6 +106,10 @@ class EmberConfig(PreTrainedConfig):
             (norm(alpha * x + f(x)) with the value/output/MLP weights initialised scaled by beta,
             Wang et al. 2022, for deep stacks). Post placements have no final norm.
         qk_norm: RMSNorm over each head's queries and keys before the attention scores (OLMo 2, Qwen3).
+        embedding_norm: A norm over the token embeddings before the first block, which then has no input
+            norm of its own (ModernBERT; with pre or sandwich placement).
+        mlm_head_transform: The masked-LM head transforms each state (dense, activation, norm) before the
+            output projection, as BERT and ModernBERT do; an encoder setting.
         mlp_type: "swiglu" | "geglu" | "reglu" (gated: down(act(gate(x)) * up(x))) or "gelu" | "relu" |
             "swish" (plain: down(act(up(x)))).
         hidden_act: Activation of the MLP. Defaults to the one `mlp_type` names ("silu" for swiglu and
@@ -164,6 +168,8 @@ class EmberConfig(PreTrainedConfig):
     norm_eps: float = 1e-6
     norm_placement: str = "pre"
     qk_norm: bool = False
+    embedding_norm: bool = False
+    mlm_head_transform: bool = False
     mlp_type: str = "swiglu"
     hidden_act: str | None = None
     sliding_window: int | None = None
@@ -241,6 +247,8 @@ class EmberConfig(PreTrainedConfig):
                                  f"got {self.relative_attention_max_distance}")
         if not self.is_causal and self.use_cache:
             raise ValueError("use_cache: an encoder (is_causal=False) has no KV cache; set use_cache=False")
+        if self.mlm_head_transform and self.is_causal:
+            raise ValueError("mlm_head_transform: only an encoder's masked-LM head has one (is_causal=False)")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")

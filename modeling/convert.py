@@ -15,6 +15,7 @@ Which stock class `to-hf` writes:
 * `MixtralForCausalLM`: `num_local_experts > 0` (with or without a sliding window), no attention bias.
 * `Qwen3ForCausalLM`: `qk_norm` (RMSNorm over each head's queries and keys before RoPE, as Ember applies it),
   dense, without a sliding window or MLP biases.
+* `ModernBertForMaskedLM`: an encoder (`EmberForMaskedLM`) built as ModernBERT is (modeling/convert_encoder.py).
 
 Settings no stock class can express (ALiBi / learned / sinusoidal / relative positions, LayerNorm,
 norms placed other than before each block, MLPs other than SwiGLU, an encoder, QK-norm with experts, a
@@ -56,6 +57,7 @@ from transformers import (
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    ModernBertForMaskedLM,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen3Config,
@@ -64,7 +66,8 @@ from transformers import (
 
 from cli import ConfigError, honour_umask, parse_args, report_error
 
-from . import EmberConfig, EmberForCausalLM
+from . import EmberConfig, EmberForCausalLM, EmberForMaskedLM
+from .convert_encoder import legacy_keys, modernbert_config, modernbert_state_dict
 from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
 from .tokenizer_config import make_portable
 
@@ -144,7 +147,7 @@ def ember_config_to_hf(config: EmberConfig) -> PreTrainedConfig:
 def _check_exportable(config: EmberConfig, model_type: str, target: str) -> None:
     """Raise a one-line `ValueError` naming the first field `target` cannot express."""
     required = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu",
-                "norm_placement": "pre", "is_causal": True}
+                "norm_placement": "pre", "is_causal": True, "embedding_norm": False}
     for name, value in required.items():
         if getattr(config, name) != value:
             raise ValueError(
@@ -206,9 +209,16 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     if model_type != EmberConfig.model_type:
         raise ValueError(f"model_type: {src} holds a {model_type!r} checkpoint, to-hf converts 'ember' ones")
 
-    hf_config = ember_config_to_hf(EmberConfig.from_pretrained(src))  # refuses by field, before any loading
-    ember = _load_strict(EmberForCausalLM, src)
-    hf_model = _rebuild_as(ember, hf_config)
+    config = EmberConfig.from_pretrained(src)
+    if config.is_causal:
+        hf_config = ember_config_to_hf(config)  # refuses by field, before any loading
+        ember = _load_strict(EmberForCausalLM, src)
+        hf_model = _rebuild_as(ember, hf_config)
+    else:  # an encoder: ModernBERT (convert_encoder.py)
+        hf_config = modernbert_config(config)
+        ember = _load_strict(EmberForMaskedLM, src)
+        hf_model = ModernBertForMaskedLM(hf_config).to(ember.dtype).eval()
+        hf_model.load_state_dict(modernbert_state_dict(ember.state_dict(), config), strict=True)
     del ember
 
     hf_model.save_pretrained(dst)
@@ -217,9 +227,13 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     _copy_side_files(src, dst)
     if (dst / "tokenizer_config.json").is_file():
         make_portable(dst)
-    _write_legacy_config_keys(dst / "config.json")
+    if config.is_causal:
+        _write_legacy_config_keys(dst / "config.json")
+    else:
+        saved = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**saved, **legacy_keys(hf_model.config)}, indent=2) + "\n")
     honour_umask(dst)  # safetensors writes its files 0600
-    if getattr(hf_model.config, "sliding_window", None) is not None:
+    if config.is_causal and getattr(hf_model.config, "sliding_window", None) is not None:
         warnings.warn(
             f"sliding_window={hf_model.config.sliding_window}: transformers, vLLM and TGI apply it, but llama.cpp "
             "does not (its llama architecture attends to the whole context): its outputs differ past the window",

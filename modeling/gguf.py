@@ -67,7 +67,7 @@ PRE_TOKENIZER_TYPES = {
 }
 # Settings the llama graph hard-codes.
 REQUIRED = {"position_embedding_type": "rope", "norm_type": "rmsnorm", "mlp_type": "swiglu", "hidden_act": "silu",
-            "norm_placement": "pre", "is_causal": True}
+            "norm_placement": "pre", "is_causal": True, "embedding_norm": False}
 # RoPE types llama.cpp runs (llama3 through a per-frequency factor tensor, not a scaling type).
 ROPE_SCALING = {"default": None, "linear": gguf.RopeScalingType.LINEAR, "yarn": gguf.RopeScalingType.YARN,
                 "llama3": None}

@@ -435,7 +435,9 @@ class EmberDecoderLayer(GradientCheckpointingLayer):
         self.mlp = EmberSparseMoeBlock(config) if config.is_moe else EmberMLP(config)
         self.post_norm = placement in ("post", "deepnorm")
         self.residual_scale = config.deepnorm_alpha if placement == "deepnorm" else 1.0
-        self.input_layernorm = build_norm(config, enabled=not self.post_norm)
+        # With embedding_norm the first block reads normalised embeddings: it has no input norm (ModernBERT).
+        self.input_layernorm = build_norm(config, enabled=not self.post_norm
+                                          and not (config.embedding_norm and layer_idx == 0))
         self.attention_output_layernorm = build_norm(config, enabled=placement == "sandwich")
         self.post_attention_layernorm = build_norm(config)
         self.mlp_output_layernorm = build_norm(config, enabled=placement == "sandwich")
@@ -539,6 +541,7 @@ class EmberModel(EmberPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         if config.position_embedding_type == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_norm = build_norm(config, enabled=config.embedding_norm)
         self.embed_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList([EmberDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         # Post placements end every block with a norm, so the stack needs no final one.
@@ -615,7 +618,7 @@ class EmberModel(EmberPreTrainedModel):
             mask = create_attention_mask(*mask_args)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids) if position_type == "rope" else None
-        hidden_states = self.embed_dropout(inputs_embeds)
+        hidden_states = self.embed_dropout(self.embed_norm(inputs_embeds))
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,

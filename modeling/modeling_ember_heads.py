@@ -15,13 +15,28 @@ transformers and its siblings `modeling_ember.py` and `configuration_ember.py`.
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 from transformers.modeling_layers import GenericForSequenceClassification, GenericForTokenClassification
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutputWithPast
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 
 from .configuration_ember import EmberConfig
-from .modeling_ember import EmberModel, EmberPreTrainedModel, router_aux_loss
+from .modeling_ember import EmberModel, EmberPreTrainedModel, build_norm, router_aux_loss
+
+
+class EmberPredictionHead(nn.Module):
+    """`mlm_head_transform`: dense, activation and norm on each state before the output projection (BERT,
+    ModernBERT)."""
+
+    def __init__(self, config: EmberConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = build_norm(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden_states)))
 
 
 class EmberForMaskedLM(EmberPreTrainedModel):
@@ -35,6 +50,7 @@ class EmberForMaskedLM(EmberPreTrainedModel):
             raise ValueError("is_causal: EmberForMaskedLM needs a bidirectional encoder; set is_causal=False")
         self.model = EmberModel(config)
         self.vocab_size = config.vocab_size
+        self.head = EmberPredictionHead(config) if config.mlm_head_transform else nn.Identity()
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
@@ -62,7 +78,7 @@ class EmberForMaskedLM(EmberPreTrainedModel):
             output_router_logits=add_aux_loss,
             **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        logits = self.lm_head(self.head(outputs.last_hidden_state))
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

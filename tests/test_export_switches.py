@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from modeling import EmberConfig, EmberForCausalLM, EmberForMaskedLM
 from modeling.convert import to_hf
@@ -32,6 +32,7 @@ SWITCHES = {
     "norm_eps": [1e-5],
     "norm_placement": ["post", "sandwich", "deepnorm"],
     "qk_norm": [True],
+    "embedding_norm": [True],
     "mlp_type": ["geglu", "reglu", "gelu", "relu", "swish"],
     "hidden_act": ["gelu", "relu"],
     "sliding_window": [8],
@@ -45,10 +46,21 @@ SWITCHES = {
     "num_local_experts": [4],
     "classifier_pooling": ["mean"],
 }
+# An encoder built as ModernBERT is (it exports as ModernBertForMaskedLM), and its switches walked the same way.
+MODERNBERT = dict(is_causal=False, embedding_norm=True, mlm_head_transform=True, norm_type="layernorm",
+                  mlp_type="geglu", hidden_act="gelu", num_key_value_heads=4)
+ENCODER_SWITCHES = {
+    "embedding_norm": [False], "mlm_head_transform": [False], "norm_type": ["rmsnorm"],
+    "norm_placement": ["post", "sandwich"], "position_embedding_type": ["learned", "alibi"], "qk_norm": [True],
+    "sliding_window": [8], "mlp_type": ["gelu", "swiglu"], "hidden_act": ["silu"], "num_key_value_heads": [2],
+    "head_dim": [32], "rope_parameters": [{"rope_type": "linear", "factor": 2.0, **ROPE}],
+    "attention_bias": [True], "mlp_bias": [True], "tie_word_embeddings": [True], "hidden_dropout": [0.1],
+}
 # Sizes, ids and training-only settings: not switches between architectures.
 NOT_SWITCHES = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "max_position_embeddings", "initializer_range", "use_cache", "pad_token_id", "bos_token_id",
-                "eos_token_id", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"}
+                "eos_token_id", "num_experts_per_tok", "router_aux_loss_coef", "output_router_logits",
+                "mlm_head_transform"}  # an encoder's switch: walked in ENCODER_SWITCHES
 CASES = [pytest.param(field, value, id=f"{field}={value['rope_type'] if isinstance(value, dict) else value}")
          for field, values in SWITCHES.items() for value in values]
 
@@ -57,12 +69,13 @@ def test_the_walk_covers_every_field():
     """A field added to EmberConfig joins the walk, or is listed as no switch."""
     own = {f.name for f in dataclasses.fields(EmberConfig) if f.name in EmberConfig.__annotations__}
     assert set(SWITCHES) | NOT_SWITCHES == own, sorted(own ^ (set(SWITCHES) | NOT_SWITCHES))
+    assert "mlm_head_transform" in ENCODER_SWITCHES
 
 
-def model_with(field: str, value):
-    """A model of the nano shape with one switch changed (an encoder for is_causal=False), with weights larger than
-    an initialisation, so biases and norms count."""
-    config = EmberConfig.from_preset("nano", **{**TINY, field: value})
+def model_with(field: str, value, base: dict | None = None):
+    """A model of the nano shape (over `base`) with one switch changed (an encoder for is_causal=False), with
+    weights larger than an initialisation, so biases and norms count."""
+    config = EmberConfig.from_preset("nano", **{**TINY, **(base or {}), field: value})
     model = (EmberForCausalLM if config.is_causal else EmberForMaskedLM)(config)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -74,6 +87,11 @@ def model_with(field: str, value):
 
 def assert_named_refusal(error: ValueError, field: str, value) -> None:
     message = str(error)
+    if field == "is_causal" and not message.startswith("is_causal"):
+        # An encoder is exported as ModernBERT; a LLaMA-like one is refused on the first setting ModernBERT lacks.
+        field = message.split(":")[0]
+        assert field in MODERNBERT, message
+        value = EmberConfig.from_preset("nano", **{**TINY, "is_causal": False}).to_dict()[field]
     shown = value["rope_type"] if isinstance(value, dict) else value
     assert message.startswith(f"{field}") and "\n" not in message, message
     assert repr(shown) in message or str(shown) in message, message
@@ -123,3 +141,28 @@ def test_to_gguf_exports_or_names_the_setting(data_dir, tmp_path, field, value):
     with torch.no_grad():
         expected = model(IDS).logits[0].double().numpy()
     assert np.abs(logits - expected).max() <= 1e-4
+
+
+ENCODER_CASES = [pytest.param(field, value, id=f"{field}={value['rope_type'] if isinstance(value, dict) else value}")
+                 for field, values in ENCODER_SWITCHES.items() for value in values]
+
+
+@pytest.mark.parametrize("field, value", [pytest.param("is_causal", False, id="modernbert"), *ENCODER_CASES])
+def test_an_encoder_exports_as_modernbert_or_names_the_setting(tmp_path, field, value):
+    model = model_with(field, value, MODERNBERT)
+    model.save_pretrained(tmp_path / "ember")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # hidden_dropout warns
+            to_hf(tmp_path / "ember", tmp_path / "hf")
+    except ValueError as error:
+        assert_named_refusal(error, field, value)
+        assert not (tmp_path / "hf" / "config.json").exists()
+        return
+    stock = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(stock).__name__ == "ModernBertForMaskedLM" and not list((tmp_path / "hf").glob("*.py"))
+    mask = torch.ones_like(IDS)
+    mask[:, 30:] = 0  # padding: the masked positions of the batch are left out of the comparison
+    with torch.no_grad():
+        difference = (stock(IDS, attention_mask=mask).logits - model(IDS, attention_mask=mask).logits)[mask.bool()]
+    assert difference.abs().max().item() <= 1e-5

@@ -21,7 +21,7 @@ from test_convert import randomize
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_prep.tokenizer import encode_documents, tokenizer_fingerprint
-from modeling import EmberConfig, EmberForCausalLM
+from modeling import EmberConfig, EmberForCausalLM, EmberForMaskedLM
 from modeling.convert import to_hf
 from modeling.tokenizer_config import make_portable
 
@@ -37,7 +37,7 @@ CLIENT = r"""
 import json, sys
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerFast
 
 
 def probe(directory, texts):
@@ -66,7 +66,8 @@ if __name__ == "__main__":
     directory, texts, ids, logits_file = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
     result = {"transformers": transformers.__version__, "tokenizer": probe(directory, texts)}
     if ids:
-        model = AutoModelForCausalLM.from_pretrained(directory).eval()
+        masked = AutoConfig.from_pretrained(directory).architectures[0].endswith("ForMaskedLM")
+        model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(directory).eval()
         with torch.no_grad():
             torch.save(model(torch.tensor(ids)).logits, logits_file)
         result["class"] = type(model).__name__
@@ -191,14 +192,17 @@ def test_make_portable_states_a_bos_the_post_processor_adds(tmp_path):
 @pytest.mark.parametrize("overrides, stock_class", [
     pytest.param({}, "LlamaForCausalLM", id="llama"),
     pytest.param({"num_local_experts": 4, "num_experts_per_tok": 2}, "MixtralForCausalLM", id="mixtral"),
-    pytest.param({"qk_norm": True}, "Qwen3ForCausalLM", id="qwen3")])
+    pytest.param({"qk_norm": True}, "Qwen3ForCausalLM", id="qwen3"),
+    pytest.param({"is_causal": False, "embedding_norm": True, "mlm_head_transform": True, "norm_type": "layernorm",
+                  "mlp_type": "geglu", "hidden_act": "gelu", "num_key_value_heads": 4, "attention_bias": True},
+                 "ModernBertForMaskedLM", id="modernbert")])
 def test_to_hf_export_loads_in_transformers_4_with_equal_logits(data_dir, transformers4_python, tmp_path, overrides,
                                                                 stock_class):
     torch.manual_seed(0)
-    config = EmberConfig.from_preset("nano", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                     tie_word_embeddings=False, **overrides)
-    model = randomize(EmberForCausalLM(config))
+    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    config = EmberConfig.from_preset("nano", **{**shape, **overrides})
+    model = randomize((EmberForCausalLM if config.is_causal else EmberForMaskedLM)(config))
     model.save_pretrained(tmp_path / "ember")
     # A checkpoint's tokenizer as the Trainer saves it: transformers 5's form, which 4.x cannot read.
     AutoTokenizer.from_pretrained(data_dir / "tokenizer").save_pretrained(tmp_path / "ember")
