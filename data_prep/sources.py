@@ -92,10 +92,6 @@ def scan_paths(source: SourceConfig) -> tuple[list[Path], list[tuple[str, str]]]
     return files, skipped
 
 
-def expand_paths(source: SourceConfig) -> list[Path]:
-    return scan_paths(source)[0]
-
-
 def _path_problem(path: Path) -> str:
     """Why `path` cannot be followed (a broken or looping link), or "" when it can."""
     try:

@@ -43,7 +43,6 @@ from data_prep.io import atomic_write_text
 from data_prep.sources import stdlib_files
 
 PACKAGES = ("asyncio", "email", "multiprocessing", "tkinter", "unittest", "xml")
-ENTITY_TYPES = ("CALL", "DEF")
 SKIPPED_TOKENS = (tokenize.COMMENT, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING,
                   tokenize.ENDMARKER)
 

@@ -131,10 +131,6 @@ class StepBatchSampler:
                 for _ in range(self.world_size):
                     yield [next(blocks) for _ in range(self.batch_size)] if real else []
 
-    def blocks_per_step(self, step: int) -> int:
-        """Blocks step `step` (1-based) trains on across all ranks."""
-        return self.steps[step - 1] * self.world_size * self.batch_size
-
     def blocks_through(self, step: int) -> int:
         """Blocks trained on by the end of step `step` (1-based)."""
         return sum(self.steps[:step]) * self.world_size * self.batch_size
