@@ -42,9 +42,9 @@ from modeling.loading import checkpoint_tokenizer, load_model
 from modeling.tokenizer_config import make_portable
 from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
 from training.callbacks import use_log_lines
-from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, exit_rank, resolve_resume
 from training.classification import ClassifierTrainer, SequenceDataset, TokenDataset, labels_of, read_records
-from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
+from training.interrupt import StopOnInterrupt, locked_run, stop_quietly
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
 
@@ -174,21 +174,13 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
         print(f"[classifier] {args.task} task, {len(labels)} labels | {len(train):,} train / {len(validation):,} "
               f"validation examples | {'LoRA r=' + str(args.lora_r) if args.lora else 'full'}: "
               f"{trainable:,} trainable parameters | {training.max_steps} steps", flush=True)
-    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
-    trainer.add_callback(interrupt)
-    resumes_itself = training.resume_from_checkpoint == "auto"
-    try:
-        # The lock is held to the end: saving belongs to this run too.
-        with output_dir_lock(training.output_dir, enabled=training.process_index == 0):
-            result = trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
-                                                                         training.output_dir))
-            if interrupt.stopped:
-                return report_interrupt(training.output_dir, resumes_itself)
-            return _finish(trainer, result, args, validation, labels, len(train))
-    except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
-        return report_error(err)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
-        return report_interrupt(training.output_dir, resumes_itself)
+    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
+    return locked_run(  # saving belongs to the run too
+        training.output_dir, main_process=training.process_index == 0,
+        resumes_itself=training.resume_from_checkpoint == "auto",
+        train=lambda: trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
+                                                                          training.output_dir)),
+        finish=lambda result: _finish(trainer, result, args, validation, labels, len(train)))
 
 
 def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, labels: list[str],

@@ -36,7 +36,7 @@ from training.arguments import (
     LoraArguments,
     parse_training_args,
 )
-from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume
+from training.checkpoints import as_launched_rank, exit_rank, resolve_resume
 from training.finetune import (
     InstructionCollator,
     InstructionDataset,
@@ -47,7 +47,7 @@ from training.finetune import (
     parameter_counts,
     response_loss,
 )
-from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
+from training.interrupt import StopOnInterrupt, locked_run, stop_quietly
 
 SCHEMAS = (BaseModelArguments, LoraArguments, InstructionDataArguments, TrainingArguments)
 
@@ -124,21 +124,13 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["data"]["validation"] = validation.stats
         metrics["eval_before"] = evaluate("before")
-    interrupt = StopOnInterrupt()  # Ctrl-C: finish the step, save it, stop
-    trainer.add_callback(interrupt)
-    try:
-        # The lock is held to the end: saving and merging belong to this run too.
-        with output_dir_lock(args.output_dir, enabled=args.process_index == 0):
-            result = trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint,
-                                                                         args.output_dir))
-            if interrupt.stopped:
-                return report_interrupt(args.output_dir, args.resume_from_checkpoint == "auto")
-            return _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer, evaluate,
-                           validation is not None)
-    except ConfigError as err:  # a busy output folder, a broken checkpoint, a full disk
-        return report_error(err)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
-        return report_interrupt(args.output_dir, args.resume_from_checkpoint == "auto")
+    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
+    return locked_run(  # saving and merging belong to the run too
+        args.output_dir, main_process=args.process_index == 0, resumes_itself=args.resume_from_checkpoint == "auto",
+        train=lambda: trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint,
+                                                                          args.output_dir)),
+        finish=lambda result: _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer,
+                                      evaluate, validation is not None))
 
 
 def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora_args: LoraArguments,

@@ -38,11 +38,11 @@ from training.arguments import (
 )
 from training.averaging import EMACallback
 from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
-from training.checkpoints import as_launched_rank, exit_rank, output_dir_lock, resolve_resume, saved_step
+from training.checkpoints import as_launched_rank, exit_rank, resolve_resume, saved_step
 from training.data_order import BatchRamp
 from training.downstream import DownstreamEvalCallback
 from training.hub import push
-from training.interrupt import StopOnInterrupt, report_interrupt, stop_quietly
+from training.interrupt import StopOnInterrupt, locked_run, stop_quietly
 from training.objectives import build_collator
 from training.optim import lr_scheduler_kwargs
 from training.pretraining import build_model, streaming_train_dataset, write_reports
@@ -175,27 +175,21 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
             print(f"[pretrain] tensor parallel {model_args.tp_size} x data parallel "
                   f"{args.world_size // model_args.tp_size}: {len(sharded)} parameters sharded")
 
-    resumes_itself = args.resume_from_checkpoint == "auto"
-    try:
-        # One run per output folder, held to the end (the final save and reports belong to this run too): a
-        # second one (or the ranks of a killed launch still running) is refused.
-        with output_dir_lock(args.output_dir, enabled=args.process_index == 0):
-            # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
-            resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-            if args.process_index == 0 and resumes_itself and resume is None:
-                print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
-            if args.process_index == 0 and resume:
-                print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
-            # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
-            trainer, result = train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
-            if interrupt.stopped:
-                return report_interrupt(args.output_dir, resumes_itself)
-            return _finish(trainer, result, model_args, data_args, run_args, objective_args, validation,
-                           train.seq_len, tokens_per_step, total_tokens, peak)
-    except ConfigError as err:  # a broken checkpoint, a full disk, a busy output folder, too many rollbacks
-        return report_error(err)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
-        return report_interrupt(args.output_dir, resumes_itself)
+    def run_training():
+        # "auto": the newest checkpoint whose files are all whole (a kill mid-save leaves a broken one)
+        resume = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if args.process_index == 0 and args.resume_from_checkpoint == "auto" and resume is None:
+            print(f"[pretrain] no checkpoint in {args.output_dir} to resume from: starting at step 0", flush=True)
+        if args.process_index == 0 and resume:
+            print(f"[pretrain] resuming from {resume} (step {saved_step(Path(resume))})", flush=True)
+        # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+        return train_with_rollbacks(make_trainer, resume, run_args.max_rollbacks)
+
+    # One run per output folder (a second one, or the ranks of a killed launch still running, is refused).
+    return locked_run(args.output_dir, main_process=args.process_index == 0,
+                      resumes_itself=args.resume_from_checkpoint == "auto", train=run_training,
+                      finish=lambda trained: _finish(*trained, model_args, data_args, run_args, objective_args,
+                                                     validation, train.seq_len, tokens_per_step, total_tokens, peak))
 
 
 def batch_ramp_schedule(run_args: PretrainingArguments, args: TrainingArguments, data_parallel: int,
