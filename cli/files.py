@@ -33,11 +33,11 @@ def folder_mode() -> int:
 
 def honour_umask(path: str | os.PathLike) -> None:
     """Give `path` the mode a plain `open` / `mkdir` would have: a folder and the files directly in it, or a file."""
-    path = Path(path)
+    path, mask = Path(path), umask()
     if path.is_dir():
-        os.chmod(path, folder_mode())
+        os.chmod(path, 0o777 & ~mask)
         for entry in path.iterdir():
             if entry.is_file() and not entry.is_symlink():
-                os.chmod(entry, file_mode())
+                os.chmod(entry, 0o666 & ~mask)
     elif path.is_file():
-        os.chmod(path, file_mode())
+        os.chmod(path, 0o666 & ~mask)

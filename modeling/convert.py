@@ -1,4 +1,4 @@
-"""Convert checkpoints between Ember and transformers' stock LLaMA-family classes.
+"""Convert checkpoints between Ember and transformers' stock classes (the LLaMA family; ModernBERT for encoders).
 
     python -m modeling.convert to-hf SRC DST     # Ember -> Llama / Mistral / Mixtral / Qwen3 ...ForCausalLM
     python -m modeling.convert from-hf SRC DST   # stock Llama / Mistral / Mixtral / Qwen3 -> EmberForCausalLM
@@ -51,13 +51,13 @@ from typing import Literal
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
-    ModernBertForMaskedLM,
     PreTrainedConfig,
     PreTrainedModel,
     Qwen3Config,
@@ -217,8 +217,8 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     else:  # an encoder: ModernBERT (convert_encoder.py)
         hf_config = modernbert_config(config)
         ember = _load_strict(EmberForMaskedLM, src)
-        hf_model = ModernBertForMaskedLM(hf_config).to(ember.dtype).eval()
-        hf_model.load_state_dict(modernbert_state_dict(ember.state_dict(), config), strict=True)
+        hf_model = _rebuild_as(ember, hf_config, AutoModelForMaskedLM,
+                               modernbert_state_dict(ember.state_dict(), config))
     del ember
 
     hf_model.save_pretrained(dst)
@@ -264,10 +264,12 @@ def from_hf(src: str | Path, dst: str | Path) -> None:
     honour_umask(dst)  # safetensors writes its files 0600
 
 
-def _rebuild_as(model: PreTrainedModel, config: PreTrainedConfig) -> PreTrainedModel:
-    """A model of `config`'s class holding `model`'s weights; parameter names must match exactly."""
-    target = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    target.load_state_dict(model.state_dict(), strict=True)
+def _rebuild_as(model: PreTrainedModel, config: PreTrainedConfig, auto_class=AutoModelForCausalLM,
+                state_dict: dict | None = None) -> PreTrainedModel:
+    """A model of `config`'s class holding `model`'s weights (or `state_dict`, those weights renamed); the
+    parameter names must match exactly."""
+    target = auto_class.from_config(config, dtype=model.dtype)
+    target.load_state_dict(model.state_dict() if state_dict is None else state_dict, strict=True)
     return target.eval()
 
 
@@ -327,7 +329,7 @@ def _write_legacy_config_keys(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-COMMANDS = {"to-hf": "Ember checkpoint -> stock LlamaForCausalLM / MistralForCausalLM / MixtralForCausalLM",
+COMMANDS = {"to-hf": "Ember checkpoint -> stock Llama / Mistral / Mixtral / Qwen3 / ModernBERT checkpoint",
             "from-hf": "stock Llama / Mistral / Mixtral / Qwen3 checkpoint -> Ember",
             "to-gguf": "Ember checkpoint or LoRA adapter -> one GGUF file for llama.cpp"}
 

@@ -168,6 +168,7 @@ def rope_pairs_interleaved(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def gguf_tensors(model: EmberForCausalLM) -> list[tuple[str, np.ndarray]]:
     """(llama.cpp name, float32 array) for every weight of `model`, in the layout llama.cpp reads."""
     config = model.config
+    interleave = architecture(config) == LLAMA  # llama's graph rotates adjacent pairs; qwen3's as transformers does
     tensors = []
     for key, value in model.state_dict().items():
         array = value.detach().to(torch.float32).cpu().numpy()
@@ -187,9 +188,9 @@ def gguf_tensors(model: EmberForCausalLM) -> list[tuple[str, np.ndarray]]:
             continue
         if name not in LAYER_TENSORS:
             raise ValueError(f"{key}: no llama.cpp tensor for this parameter")
-        if architecture(config) == LLAMA and name == "self_attn.q_proj":
+        if interleave and name == "self_attn.q_proj":
             array = rope_pairs_interleaved(array, config.num_attention_heads)
-        elif architecture(config) == LLAMA and name == "self_attn.k_proj":
+        elif interleave and name == "self_attn.k_proj":
             array = rope_pairs_interleaved(array, config.num_key_value_heads)
         tensors.append((gguf.TENSOR_NAMES[LAYER_TENSORS[name]].format(bid=layer) + "." + (kind or "weight"), array))
     return tensors

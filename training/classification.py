@@ -136,8 +136,8 @@ class TokenDataset(torch.utils.data.Dataset):
         return [id2label[int(token_predictions[p])] if p >= 0 else "O" for p in self.first_tokens[index]]
 
 
-__all__ = ["SequenceDataset", "TokenDataset", "align_words", "labels_of", "read_records"]
-
-
 class ClassifierTrainer(ReadableSavesMixin, Trainer):
     """The HF Trainer; its saved model folders honour the umask (`ReadableSavesMixin`)."""
+
+
+__all__ = ["ClassifierTrainer", "SequenceDataset", "TokenDataset", "align_words", "labels_of", "read_records"]
