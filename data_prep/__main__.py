@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 from cli import INTERRUPTED, ConfigError, parse_args, report_error
 from data_prep.config import PATH_KEYS, PipelineConfig
-from data_prep.pipeline import STEPS, PipelineError, collect_reports, run_pipeline
-from data_prep.report import DataError, format_table
+from data_prep.pipeline import STEPS, collect_reports, run_pipeline
+from data_prep.report import DataError, PipelineError, format_table
 
 COMMANDS = {"run": "run every step in order (resumes: finished shards are not redone)",
             "filter": "per shard: read, clean, quality filters, PII, toxicity, decontamination, dedup signatures",
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(reports))
             return 0
         if command == "status":
+            # Lazy: executors imports datatrove's Ray and Slurm executors (~0.3 s, the optional `data` extra).
             from data_prep.executors import format_progress, progress
 
             print(format_progress(progress(cfg, list(STEPS))))

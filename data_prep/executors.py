@@ -1,9 +1,9 @@
 """Where the pipeline's tasks run: this machine (`local`), a Ray cluster (`ray`) or Slurm (`slurm`).
 
 The steps themselves live in `data_prep.pipeline`: three per-shard steps (filter, split, pack) and
-two global ones (dedup, tokenizer). Every executor runs the same functions, so the outputs are
-byte-identical whichever ran them, and every shard function skips a shard whose output exists, so
-finished shards are never redone.
+two global ones (dedup, tokenizer). The pipeline hands its `run_task` to the executor here (this module
+does not import it), so every executor runs the same functions, the outputs are byte-identical whichever
+ran them, and every shard function skips a shard whose output exists, so finished shards are never redone.
 
 - `local`: shards in a process pool on this machine (`--workers`), global steps in this process. Not
   datatrove's `LocalPipelineExecutor`: on one machine it adds nothing Ember lacks (a shard's output file is
@@ -38,16 +38,20 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from datatrove.executor import RayPipelineExecutor, SlurmPipelineExecutor
 
 from data_prep.config import ConfigError, PipelineConfig
-from data_prep.report import DataError
+from data_prep.io import atomic_write_text
+from data_prep.report import DataError, PipelineError
 
 GLOBAL_STEPS = ("dedup", "tokenizer")
 EXECUTOR_DIR = "executor"  # under output_dir: datatrove's logs, completion markers, stats, job scripts
+# What one task runs, `data_prep.pipeline.run_task(cfg, step, rank)`: rank is the shard (0 for a global step).
+TaskFunction = Callable[[PipelineConfig, str, int], None]
 _EMBER_ERRORS = {"ConfigError": ConfigError, "DataError": DataError}
 _PR_SET_PDEATHSIG = 1
 
@@ -72,21 +76,16 @@ def _die_with_parent() -> None:
 class ShardTask:
     """One Ember step as a datatrove pipeline callable: rank = shard index (0 for a global step)."""
 
-    def __init__(self, cfg: PipelineConfig, step: str) -> None:
-        self.cfg, self.step = cfg, step
+    def __init__(self, cfg: PipelineConfig, step: str, run: TaskFunction) -> None:
+        self.cfg, self.step, self.run = cfg, step, run
 
     def __repr__(self) -> str:
         return f"ember data_prep {self.step}"
 
     def __call__(self, data: Any, rank: int = 0, world_size: int = 1) -> None:
-        from data_prep.pipeline import PipelineError, run_step, write_final_report
-
         _die_with_parent()
         try:
-            if self.step == "report":
-                write_final_report(self.cfg)
-            else:
-                run_step(self.cfg, self.step, None if self.step in GLOBAL_STEPS else [rank])
+            self.run(self.cfg, self.step, rank)
         except (ConfigError, DataError, PipelineError) as err:
             errors = step_dir(self.cfg, self.step) / "errors"
             errors.mkdir(parents=True, exist_ok=True)
@@ -105,8 +104,6 @@ def _tasks(cfg: PipelineConfig, step: str) -> int:
 
 def _raise_task_error(cfg: PipelineConfig, step: str) -> None:
     """Repeat the first Ember error a task of `step` recorded, as the same one-line exception."""
-    from data_prep.pipeline import PipelineError
-
     errors = sorted((step_dir(cfg, step) / "errors").glob("[0-9]*"))
     if errors:
         error = json.loads(errors[0].read_text())
@@ -117,13 +114,12 @@ def _raise_task_error(cfg: PipelineConfig, step: str) -> None:
 # Ray
 # ---------------------------------------------------------------------------------------------
 
-def run_ray(cfg: PipelineConfig, steps: list[str]) -> dict[str, float]:
-    """Run `steps` in order on Ray; returns the seconds each took. Raises when a task failed for good."""
+def run_ray(cfg: PipelineConfig, steps: list[str], run: TaskFunction) -> dict[str, float]:
+    """Run `steps` in order on Ray, each task by `run`; returns the seconds each step took. Raises when a task
+    failed for good."""
     import time
 
     import ray
-
-    from data_prep.pipeline import PipelineError
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -139,7 +135,7 @@ def run_ray(cfg: PipelineConfig, steps: list[str]) -> dict[str, float]:
             shutil.rmtree(step_dir(cfg, step) / "errors", ignore_errors=True)
             tasks = _tasks(cfg, step)
             executor = RayPipelineExecutor(
-                pipeline=[ShardTask(cfg, step)], tasks=tasks, workers=cfg.ray.workers,
+                pipeline=[ShardTask(cfg, step, run)], tasks=tasks, workers=cfg.ray.workers,
                 logging_dir=str(step_dir(cfg, step)), cpus_per_task=cfg.ray.cpus_per_task,
                 mem_per_cpu_gb=cfg.ray.mem_per_cpu_gb, skip_completed=True)
             executor.run()
@@ -168,12 +164,12 @@ class EmberSlurmExecutor(SlurmPipelineExecutor):
         return {k: v for k, v in super().get_sbatch_args(max_array).items() if v is not None}
 
 
-def slurm_executors(cfg: PipelineConfig, steps: list[str]) -> list[Any]:
-    """One Slurm executor per step (and one for the report), each depending on the one before."""
+def slurm_executors(cfg: PipelineConfig, steps: list[str], run: TaskFunction) -> list[Any]:
+    """One Slurm executor per step (and one for the report), each depending on the one before; `run` runs a task."""
     executors: list[Any] = []
     for step in [*steps, "report"]:
         executors.append(EmberSlurmExecutor(
-            pipeline=[ShardTask(cfg, step)], tasks=_tasks(cfg, step), time=cfg.slurm.time,
+            pipeline=[ShardTask(cfg, step, run)], tasks=_tasks(cfg, step), time=cfg.slurm.time,
             partition=cfg.slurm.partition, qos=cfg.slurm.qos, cpus_per_task=cfg.slurm.cpus_per_task,
             mem_per_cpu_gb=cfg.slurm.mem_per_cpu_gb, workers=cfg.slurm.workers,
             job_name=f"{cfg.slurm.job_name}_{step}", logging_dir=str(step_dir(cfg, step)),
@@ -190,19 +186,18 @@ def _activate_this_python() -> str:
     return f'export PATH="{bin_dir}:$PATH"'
 
 
-def submit_slurm(cfg: PipelineConfig, steps: list[str]) -> dict[str, Any]:
-    """Submit the step chain; returns {step: job id}, also saved to `<output_dir>/executor/slurm_jobs.json`.
+def submit_slurm(cfg: PipelineConfig, steps: list[str], run: TaskFunction) -> dict[str, Any]:
+    """Submit the step chain, each task run by `run`; returns {step: job id}, also saved to
+    `<output_dir>/executor/slurm_jobs.json`.
 
     A step whose tasks are all complete is not submitted (its job id is -1).
     """
-    from data_prep.io import atomic_write_text
-
     if shutil.which("sbatch") is None:
         raise ConfigError("executor: slurm needs sbatch on PATH (run on a Slurm login node)")
     _clear_previous_submission(cfg)
     for step in [*steps, "report"]:  # a resubmission starts from a clean error record
         shutil.rmtree(step_dir(cfg, step) / "errors", ignore_errors=True)
-    executors = slurm_executors(cfg, steps)
+    executors = slurm_executors(cfg, steps, run)
     executors[-1].run()  # launches its dependencies first, in order
     jobs = {step: executor.job_id for step, executor in zip([*steps, "report"], executors)}
     atomic_write_text(cfg.root / EXECUTOR_DIR / "slurm_jobs.json", json.dumps(jobs, indent=2))
@@ -212,8 +207,6 @@ def submit_slurm(cfg: PipelineConfig, steps: list[str]) -> dict[str, Any]:
 def _clear_previous_submission(cfg: PipelineConfig) -> None:
     """Cancel the jobs of an earlier submission that can never start (a task they depend on failed);
     refuse to submit while any of its jobs is still queued or running (two chains would race)."""
-    from data_prep.pipeline import PipelineError
-
     jobs_file = cfg.root / EXECUTOR_DIR / "slurm_jobs.json"
     if not jobs_file.exists():
         return

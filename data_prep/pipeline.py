@@ -39,9 +39,21 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm.auto import tqdm
 
+from data_prep.clean import clean_text
 from data_prep.config import ConfigError, PackConfig, PipelineConfig, load_config
 from data_prep.io import atomic_write_text, read_docs, shard_name, write_docs
-from data_prep.report import StepReport, accounting, format_table, load_reports, merge_reports, save_reports
+from data_prep.packing import pack_documents
+from data_prep.report import (
+    PipelineError,
+    StepReport,
+    accounting,
+    format_table,
+    load_reports,
+    merge_reports,
+    save_reports,
+)
+from data_prep.sensitive import PIIRedactor, ToxicityFilter
+from data_prep.tokenizer import SavedTokenizer, compression_stats, copy_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
     from data_prep.dedup import Removal
@@ -50,10 +62,6 @@ STEPS = ("filter", "dedup", "split", "tokenizer", "pack")
 RUN_CONFIG_FILE = "pipeline_config.yaml"  # the run's settings, written at its start
 SPLITS = ("train", "validation")
 HELDOUT_SAMPLE_BYTES = 20_000_000  # validation text the tokenizer's compression is measured on
-
-
-class PipelineError(RuntimeError):
-    """A step cannot run yet (missing inputs) or its inputs disagree; one line, says what to do."""
 
 
 def _shards(cfg: PipelineConfig) -> list[str]:
@@ -81,11 +89,11 @@ def is_validation(doc_id: str, fraction: float) -> bool:
 
 def filter_shard(cfg: PipelineConfig, index: int) -> Path:
     """Read this shard of the sources and keep the documents every filter accepts."""
-    from data_prep.clean import clean_text
+    # Lazy: they load datasets and datatrove (~0.7 s; datatrove is the optional `data` extra), which importing this
+    # module (training reads packing_settings from it) and the other steps do without.
     from data_prep.decontam import Decontaminator
     from data_prep.dedup import DedupSignatures
     from data_prep.filters import QualityFilters
-    from data_prep.sensitive import PIIRedactor, ToxicityFilter
     from data_prep.sources import account, mixed_records
 
     name = _shards(cfg)[index]
@@ -155,7 +163,7 @@ def _through(report: StepReport, stage, text: str, kind: str, where: str, source
 
 def split_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     """Drop this shard's duplicates and route each document to train or validation."""
-    from data_prep.dedup import load_removals
+    from data_prep.dedup import load_removals  # lazy: dedup needs datatrove, the optional `data` extra
 
     name = _shards(cfg)[index]
     outs = {split: cfg.step_dir("documents") / split / f"{name}.jsonl.zst" for split in SPLITS}
@@ -202,9 +210,6 @@ def _routed(source: Path, removals: dict[int, Removal], fraction: float, split: 
 
 def pack_shard(cfg: PipelineConfig, index: int) -> dict[str, Path]:
     """Tokenize and pack this shard's train and validation documents."""
-    from data_prep.packing import pack_documents
-    from data_prep.tokenizer import SavedTokenizer
-
     name = _shards(cfg)[index]
     outs = {split: cfg.step_dir("tokens") / split / name for split in SPLITS}
     if all(p.with_suffix(".json").exists() for p in outs.values()):
@@ -241,7 +246,7 @@ def _counted(docs: Iterator[dict[str, Any]], report: StepReport) -> Iterator[dic
 
 def dedup_plan(cfg: PipelineConfig) -> Path:
     """Find duplicate clusters across all shards and write one removal list per shard."""
-    from data_prep.dedup import plan_removals
+    from data_prep.dedup import plan_removals  # lazy: dedup needs datatrove, the optional `data` extra
 
     plan = cfg.step_dir("dedup") / "plan.json"
     if plan.exists():
@@ -261,8 +266,6 @@ def dedup_plan(cfg: PipelineConfig) -> Path:
 def train_or_load_tokenizer(cfg: PipelineConfig) -> Path:
     """Train the tokenizer on at most `tokenizer.train_bytes` of train documents, drawn evenly from the whole
     corpus (`tokenizer_sample_share`), or copy `tokenizer.path`."""
-    from data_prep.tokenizer import compression_stats, copy_tokenizer, train_tokenizer
-
     out = cfg.step_dir("tokenizer")
     report_path = cfg.root / "tokenizer_report.json"
     if report_path.exists():
@@ -386,15 +389,16 @@ def run_pipeline(cfg: PipelineConfig, steps: list[str] | None = None, shard_indi
         remove_stale_temporaries(cfg.root)
     atomic_write_text(cfg.root / RUN_CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if cfg.executor != "local" and shard_indices is None:
+        # Lazy: datatrove's Ray and Slurm executors take ~0.3 s to import and are the optional `data` extra.
         from data_prep import executors
 
         ordered = [step for step in STEPS if step in steps]
         if cfg.executor == "slurm":
-            jobs = executors.submit_slurm(cfg, ordered)
+            jobs = executors.submit_slurm(cfg, ordered, run_task)
             print(f"[data_prep] submitted to Slurm: {', '.join(f'{k} {v}' for k, v in jobs.items())}; "
                   f"`python -m data_prep status` with this config shows progress")
             return []
-        timings = executors.run_ray(cfg, ordered)
+        timings = executors.run_ray(cfg, ordered, run_task)
         remove_stale_temporaries(cfg.root)  # left by tasks whose worker was killed and retried
         reports = collect_reports(cfg)
         if reports:
@@ -471,6 +475,15 @@ def write_final_report(cfg: PipelineConfig) -> None:
         raise PipelineError(f"{cfg.root}: not every shard is finished; nothing to report")
     remove_stale_temporaries(cfg.root)  # left by tasks that were killed and ran again
     write_summary(cfg, reports, {})
+
+
+def run_task(cfg: PipelineConfig, step: str, rank: int) -> None:
+    """One task of a Ray or Slurm run (`data_prep.executors`): shard `rank` of a per-shard step, the whole of a
+    global step, or, for the step "report", the report of the finished run."""
+    if step == "report":
+        write_final_report(cfg)
+    else:
+        run_step(cfg, step, None if step in _GLOBAL_FUNCTIONS else [rank])
 
 
 def write_summary(cfg: PipelineConfig, reports: list[StepReport], timings: dict[str, float]) -> None:

@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_prep.io import atomic_write_text
+
 MAX_EXAMPLES_PER_REASON = 20
 
 
 class DataError(ValueError):
     """Bad input under `--strict`: the message is one line, `file:line: reason`."""
+
+
+class PipelineError(RuntimeError):
+    """A step cannot run yet (missing inputs) or its inputs disagree; one line, says what to do."""
 
 
 @dataclass
@@ -107,8 +113,6 @@ class StepReport:
 
 
 def save_reports(reports: list[StepReport], path: Path) -> None:
-    from data_prep.io import atomic_write_text
-
     atomic_write_text(path, json.dumps([r.to_dict() for r in reports], indent=2))
 
 

@@ -233,6 +233,7 @@ def _wrap(backend: Tokenizer, cfg: TokenizerConfig, specials: list[str]) -> PreT
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, output_dir: str | Path) -> None:
     """`tokenizer.save_pretrained(output_dir)` with a tokenizer_config.json that transformers 4.x reads too."""
+    # Lazy: the modeling package imports torch and transformers, which reading and packing a tokenizer do without.
     from modeling.tokenizer_config import make_portable
 
     tokenizer.save_pretrained(output_dir)
@@ -381,7 +382,7 @@ def copy_tokenizer(source: str | Path, output_dir: Path) -> SavedTokenizer:
         # The fields make_portable rewrites; importing it imports transformers, so only when there is work.
         if (checked.config.get("tokenizer_class") == "TokenizersBackend"
                 or isinstance(checked.config.get("extra_special_tokens"), list)):
-            from modeling.tokenizer_config import make_portable
+            from modeling.tokenizer_config import make_portable  # lazy: see the comment above
 
             make_portable(folder)
 

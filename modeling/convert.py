@@ -68,7 +68,8 @@ from cli import ConfigError, honour_umask, parse_args, report_error
 
 from . import EmberConfig, EmberForCausalLM, EmberForMaskedLM
 from .convert_encoder import legacy_keys, modernbert_config, modernbert_state_dict
-from .loading import TOKENIZER_FILES  # copied verbatim from SRC to DST when present
+from .gguf import to_gguf
+from .loading import TOKENIZER_FILES, load_strict  # TOKENIZER_FILES: copied verbatim from SRC to DST when present
 from .tokenizer_config import make_portable
 
 # Fields spelled the same, with the same meaning, in Ember and in the stock configs.
@@ -212,11 +213,11 @@ def to_hf(src: str | Path, dst: str | Path) -> str:
     config = EmberConfig.from_pretrained(src)
     if config.is_causal:
         hf_config = ember_config_to_hf(config)  # refuses by field, before any loading
-        ember = _load_strict(EmberForCausalLM, src)
+        ember = load_strict(EmberForCausalLM, src)
         hf_model = _rebuild_as(ember, hf_config)
     else:  # an encoder: ModernBERT (convert_encoder.py)
         hf_config = modernbert_config(config)
-        ember = _load_strict(EmberForMaskedLM, src)
+        ember = load_strict(EmberForMaskedLM, src)
         hf_model = _rebuild_as(ember, hf_config, AutoModelForMaskedLM,
                                modernbert_state_dict(ember.state_dict(), config))
     del ember
@@ -255,7 +256,7 @@ def from_hf(src: str | Path, dst: str | Path) -> None:
     if model_type not in STOCK_CLASSES:
         raise ValueError(f"model_type: expected one of {tuple(STOCK_CLASSES)} in {src}, got {model_type!r}")
 
-    hf_model = _load_strict(STOCK_CLASSES[model_type][1], src)
+    hf_model = load_strict(STOCK_CLASSES[model_type][1], src)
     ember = _rebuild_as(hf_model, hf_config_to_ember(hf_model.config))
     del hf_model
 
@@ -290,17 +291,6 @@ def _read_model_type(src: Path) -> str | None:
     except json.JSONDecodeError as err:
         raise ValueError(f"{src / 'config.json'}: not valid JSON ({err})") from None
     return config.get("model_type")
-
-
-def _load_strict(model_class: type[PreTrainedModel], src: Path) -> PreTrainedModel:
-    """`from_pretrained` in the checkpoint's dtype, failing if any weight is missing, unexpected or misshapen."""
-    model, info = model_class.from_pretrained(src, dtype="auto", output_loading_info=True)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(key) for key in info.get(kind) or ())
-        if keys:
-            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            raise ValueError(f"{kind}: {src} does not match {model_class.__name__}: {shown}")
-    return model.eval()
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
@@ -375,8 +365,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _to_gguf_command(argv: list[str]) -> int:
-    from .gguf import to_gguf
-
     (args,) = parse_args((GgufArguments,), argv, prog="python -m modeling.convert to-gguf",
                          description=COMMANDS["to-gguf"], positionals=("src", "out"), path_keys=("src", "out"))
     written = to_gguf(args.src, args.out, args.outtype)

@@ -49,7 +49,7 @@ from tokenizers import Tokenizer
 from cli import file_mode
 
 from . import EmberConfig, EmberForCausalLM
-from .loading import adapter_base, is_adapter, load_model
+from .loading import adapter_base, is_adapter, load_model, load_strict
 from .tokenizer_config import adds_bos_eos
 
 LLAMA, QWEN3 = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA], gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3]
@@ -339,9 +339,7 @@ def to_gguf(src: str | Path, out: str | Path, outtype: str = "f16") -> dict[str,
     if not is_adapter(src):
         _check_checkpoint(src)
         _tokenizer_state(src)  # before loading the weights
-        from .convert import _load_strict
-
-        return write_gguf(_load_strict(EmberForCausalLM, src), src, out, outtype, name=src.name)
+        return write_gguf(load_strict(EmberForCausalLM, src), src, out, outtype, name=src.name)
     base = adapter_base(src)
     if not (Path(base) / "config.json").is_file():
         raise ValueError(f"{src / 'adapter_config.json'}: base_model_name_or_path: {str(base)!r} is not a "

@@ -40,6 +40,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import modeling  # noqa: F401  (the package registers Ember with the Auto classes this module loads through)
 from cli import error_line
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -159,8 +160,6 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", device: s
         if is_adapter(folder) or load_in_4bit:
             raise ValueError(f"{folder}: a freshly initialised model is built from a full checkpoint's config, "
                              "not from an adapter or in 4-bit")
-        import modeling  # noqa: F401  (registers Ember with the Auto classes)
-
         try:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **model_kwargs)
         except Exception as err:
@@ -184,10 +183,20 @@ def load_model(path: str | Path, *, dtype: str | torch.dtype = "auto", device: s
     return model.eval()
 
 
+def load_strict(model_class: type[PreTrainedModel], src: str | Path) -> PreTrainedModel:
+    """`model_class.from_pretrained` in the checkpoint's dtype, failing if any weight is missing, unexpected or
+    misshapen: what the converters (`modeling.convert`, `modeling.gguf`) read a checkpoint with."""
+    model, info = model_class.from_pretrained(src, dtype="auto", output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(key) for key in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ValueError(f"{kind}: {src} does not match {model_class.__name__}: {shown}")
+    return model.eval()
+
+
 def _from_pretrained(source: str | Path, kwargs: dict[str, Any], auto_class: type = AutoModelForCausalLM
                      ) -> PreTrainedModel:
-    import modeling  # noqa: F401  (registers Ember with the Auto classes, for callers that import only this module)
-
     try:
         return auto_class.from_pretrained(str(source), **kwargs)
     except Exception as err:  # a corrupt or foreign checkpoint fails deep inside transformers / safetensors
