@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from training.run_report import available_cores, cpu_model_name
+from reporting.run_report import available_cores, cpu_model_name
 
 __all__ = ["available_cores", "cpu_model_name", "quartiles", "save_record"]
 

@@ -55,9 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from bench_common import available_cores, cpu_model_name, save_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench_common import available_cores, cpu_model_name, save_record  # noqa: E402
+from data_prep.config import CODE_EXTENSIONS, TokenizerConfig, load_config  # noqa: E402
+from data_prep.dedup import load_removals  # noqa: E402
+from data_prep.io import read_docs  # noqa: E402
+from data_prep.sources import read_archive  # noqa: E402
+from data_prep.tokenizer import train_tokenizer  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 LINUX_CONFIG = REPO_ROOT / "recipes" / "configs" / "data" / "linux.yaml"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1",
@@ -196,8 +204,6 @@ def make_slices(work: Path, sizes: list[float], archive: Path) -> dict[str, dict
     """Write each slice once (2 JSON-lines.zst files); returns {name: {path, bytes, documents}}."""
     import zstandard
 
-    from data_prep.config import CODE_EXTENSIONS, load_config
-    from data_prep.sources import read_archive
 
     slices = {slice_name(size): work / "slices" / slice_name(size) for size in sizes}
     info_path = work / "slices" / "slices.json"
@@ -235,9 +241,6 @@ def slice_name(size: float) -> str:
 
 def shared_tokenizer(work: Path, slices: dict[str, dict[str, Any]]) -> Path:
     """A byte-level BPE (vocab 32000, as linux.yaml) trained once on the middle slice's first 50 MB."""
-    from data_prep.config import TokenizerConfig
-    from data_prep.io import read_docs
-    from data_prep.tokenizer import train_tokenizer
 
     out = work / "tokenizer"
     if (out / "tokenizer.json").exists():
@@ -356,8 +359,6 @@ DATATROVE_MARKERS = {stage: f"[stage] {stage}" for stage in (
 def ember_removed(out: Path, slice_dir: Path) -> dict[str, set[str]]:
     """Ids of the documents Ember's dedup plan removed, as datatrove names them (the slice's `id` field: Ember
     names a JSON-lines record by its file and line)."""
-    from data_prep.dedup import load_removals
-    from data_prep.io import read_docs
 
     removed: dict[str, set[str]] = {"exact_duplicate": set(), "near_duplicate": set()}
     for shard in sorted((out / "filtered").glob("*.jsonl.zst")):

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import available_cores, cpu_model_name, save_record  # noqa: E402
+from benchmarks.bench_common import available_cores, cpu_model_name, save_record  # noqa: E402
+from modeling import EmberConfig, EmberForMaskedLM  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
                        check=True, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL)
         history = json.loads((out / "trainer_state.json").read_text())["log_history"]
         config = json.loads((out / "config.json").read_text())
-        from modeling import EmberConfig, EmberForMaskedLM
 
         parameters = sum(p.numel() for p in EmberForMaskedLM(EmberConfig(**{
             k: v for k, v in config.items() if k in EmberConfig.__dataclass_fields__})).parameters())

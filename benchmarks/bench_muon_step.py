@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.bench_common import save_record  # noqa: E402
 from modeling import EmberConfig, EmberForCausalLM  # noqa: E402
+from reporting.run_report import available_cores, cpu_model_name  # noqa: E402
 from training.muon import MuonWithAdamW, muon_parameter_groups  # noqa: E402
-from training.run_report import available_cores, cpu_model_name  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -43,6 +45,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
+from data_prep.token_dataset import PackedDataset  # noqa: E402
+from data_prep.tokenizer import load_tokenizer  # noqa: E402
+from evaluation.objectives import objective_metrics, pseudo_perplexity  # noqa: E402
+from modeling import EmberForMaskedLM  # noqa: E402
+from modeling.loading import checkpoint_tokenizer, load_model  # noqa: E402
+from training.objectives import MaskedLMCollator  # noqa: E402
+from training.plan import RunPlan  # noqa: E402
 
 OUTPUTS = REPO_ROOT / "outputs"
 DATA = OUTPUTS / "data" / "stdlib_mlm"
@@ -82,12 +91,6 @@ def run(name: str, command: list[str], done: Path, force: bool, log: dict) -> No
 
 def held_out() -> dict:
     """Masked-token loss / accuracy and pseudo-perplexity of the untrained and the trained encoder."""
-    from data_prep.token_dataset import PackedDataset
-    from data_prep.tokenizer import load_tokenizer
-    from evaluation.objectives import objective_metrics, pseudo_perplexity
-    from modeling import EmberForMaskedLM
-    from training.objectives import MaskedLMCollator
-
     tokenizer = load_tokenizer(ENCODER)
     validation = PackedDataset(DATA / "tokens" / "validation", return_position_ids=True)
     trained = EmberForMaskedLM.from_pretrained(ENCODER)
@@ -124,12 +127,6 @@ def effective_rank(states: torch.Tensor) -> float:
 
 def diagnose() -> dict:
     """Unigram cross-entropy, tokens the pretraining saw, effective ranks of the trained and untrained encoder."""
-    import math
-    from collections import Counter
-
-    from data_prep.token_dataset import PackedDataset
-    from modeling.loading import checkpoint_tokenizer, load_model
-
     tokenizer = checkpoint_tokenizer(ENCODER)
     special = set(tokenizer.all_special_ids)
     counts = {}
@@ -162,10 +159,11 @@ def diagnose() -> dict:
                        **{f"{kind}_pooled": round(effective_rank(torch.stack(vectors)), 1)
                           for kind, vectors in pooled.items()}}
     state = json.loads((ENCODER / "trainer_state.json").read_text())
-    tokens_per_step = state["train_batch_size"] * len(validation[0]["input_ids"])  # one process, no accumulation
+    plan = RunPlan(seq_len=len(validation[0]["input_ids"]), micro_batch_size=state["train_batch_size"],
+                   accumulation=1, data_parallel=1, max_steps=state["global_step"])  # the encoder run's own settings
     return {"unigram_cross_entropy": unigram, "hidden_size": model.config.hidden_size, "effective_rank": ranks,
             "tie_word_embeddings": model.config.tie_word_embeddings, "pretrain_steps": state["global_step"],
-            "pretrain_tokens": state["global_step"] * tokens_per_step,
+            "pretrain_tokens": plan.total_tokens,
             "classifier_pooling": model.config.classifier_pooling}
 
 

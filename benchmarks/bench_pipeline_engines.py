@@ -41,9 +41,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench_common import available_cores, cpu_model_name
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
+from data_prep.config import TokenizerConfig  # noqa: E402
+from data_prep.sources import stdlib_files  # noqa: E402
+from data_prep.tokenizer import train_tokenizer  # noqa: E402
+
 STDLIB_CONFIG = REPO_ROOT / "recipes" / "configs" / "data" / "stdlib.yaml"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "pipeline_engines_cpu.json"
 DOCUMENTED = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
@@ -54,7 +59,6 @@ def write_corpus(directory: Path, files: int, limit: int | None) -> int:
     """English prose from the interpreter: per stdlib module, its docstrings (module, classes, functions) joined
     as one document, and the pydoc topics; at most `limit` documents, in `files` JSON-lines files (one per
     shard, so both pipelines split the work the same way). Returns the number of documents."""
-    from data_prep.sources import stdlib_files
 
     paths, topics = stdlib_files()
     texts = []
@@ -155,8 +159,6 @@ def timed(command: list[str], cwd: Path) -> dict:
 
 
 def train_tokenizer_once(corpus: Path, directory: Path) -> Path:
-    from data_prep.config import TokenizerConfig
-    from data_prep.tokenizer import train_tokenizer
 
     parts = sorted(corpus.glob("*.jsonl"))
     texts = (json.loads(line)["text"] for part in parts for line in part.read_text(encoding="utf-8").splitlines())

@@ -17,7 +17,7 @@ step-time ratio, which the JSON records, but not the training itself.
 
 Each arm also keeps an EMA of its weights (`ema_decay` = 1 - 1 / (`--ema_fraction` x steps): it spans about the
 last tenth of the run) and saves checkpoints at every tenth of the run; the last three are averaged
-(`training.averaging.average_checkpoints`). Final, EMA and averaged weights are scored by `evaluation.perplexity`
+(`training.average.average_checkpoints`). Final, EMA and averaged weights are scored by `evaluation.perplexity`
 on the quickstart's held-out documents with its window settings, next to the compressors (`evaluation.baselines`).
 Results: `--output` .json (every arm, the calibration, the machine, the load) and .md (the table).
 """
@@ -48,7 +48,8 @@ from evaluation.baselines import compressor_bits_per_byte  # noqa: E402
 from evaluation.perplexity import evaluate_path  # noqa: E402
 from modeling.loading import load_checkpoint  # noqa: E402
 from recipes import pretrain as pretrain_recipe  # noqa: E402
-from training.averaging import average_checkpoints  # noqa: E402
+from training.average import average_checkpoints  # noqa: E402
+from training.plan import RunPlan  # noqa: E402
 
 QUICKSTART_CONFIG = REPO_ROOT / "recipes" / "configs" / "quickstart_cpu.yaml"
 
@@ -146,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             state = pretrain(config, {**base, "optimizer": name, "max_steps": steps, "warmup_steps": 1,
                                       "logging_steps": 1, "save_strategy": "no"}, work / f"calibrate_{name}")
             settings = {**yaml.safe_load(config.read_text()), **base}
-            tokens_per_step = (settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"]
-                               * PackedDataset(data_dir / "tokens" / "train").seq_len)
-            calibration[name].append(step_seconds(state, tokens_per_step))
+            plan = RunPlan(seq_len=PackedDataset(data_dir / "tokens" / "train").seq_len, data_parallel=1,
+                           micro_batch_size=settings["per_device_train_batch_size"],
+                           accumulation=settings["gradient_accumulation_steps"], max_steps=steps)
+            calibration[name].append(step_seconds(state, plan.tokens_per_step))
     seconds_per_step = {name: statistics.median(times) for name, times in calibration.items()}
     if args.reference_steps:  # the budget: the first optimizer's reference_steps at its measured step time
         args.seconds = args.reference_steps * seconds_per_step[optimizers[0]]

@@ -1,4 +1,5 @@
-"""Scores of classifiers: accuracy and macro-F1 for labels, entity-level F1 for BIO-tagged sequences.
+"""Scores of classifiers: accuracy and macro-F1 for labels, entity-level F1 for BIO-tagged sequences, the
+majority baseline, and the Trainer's `compute_metrics` for a validation set (`metrics_function`).
 
 Entity-level F1 follows CoNLL-2003's conlleval: an entity is a maximal run of one type that starts at a
 B- tag, or at an I- tag that does not continue an entity of its type; a predicted entity counts only when
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 
 def accuracy(gold: Sequence, predicted: Sequence) -> float:
@@ -73,3 +76,39 @@ def entity_scores(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[st
 
 
 __all__ = ["accuracy", "entities", "entity_scores", "macro_f1"]
+
+
+def sequence_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
+    return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted, labels)}
+
+
+def token_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
+    scores = entity_scores(gold, predicted)
+    return {"entity_f1": scores["f1"], "entity_precision": scores["precision"], "entity_recall": scores["recall"],
+            **{f"{kind}_f1": value["f1"] for kind, value in scores["per_type"].items()}}
+
+
+def baseline(validation, labels: list[str], task: str) -> dict[str, float]:
+    """The majority baseline: the validation set's most frequent label for every text (the best constant
+    guess, whatever the training set's balance), "O" for every word."""
+    if task == "token":
+        return token_scores(validation.tags, [["O"] * len(tags) for tags in validation.tags])
+    gold = [labels[example["labels"]] for example in validation.examples]
+    majority = Counter(gold).most_common(1)[0][0]
+    return {"label": majority, **sequence_scores(gold, [majority] * len(gold), labels)}
+
+
+def metrics_function(validation, labels: list[str], task: str):
+    """`compute_metrics` for the Trainer, on the validation set in order."""
+    id2label = dict(enumerate(labels))
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        predicted = np.asarray(logits).argmax(-1)
+        if task == "token":
+            words = [validation.word_predictions(i, row, id2label) for i, row in enumerate(predicted)]
+            return token_scores(validation.tags, words)
+        gold = [labels[example["labels"]] for example in validation.examples]
+        return sequence_scores(gold, [labels[int(p)] for p in predicted], labels)
+
+    return compute

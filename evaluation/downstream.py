@@ -14,6 +14,9 @@ from __future__ import annotations
 import fnmatch
 from pathlib import Path
 
+PREFIX = "downstream/"  # the scores logged while pretraining: downstream/<task>/<metric>
+SECONDS = "downstream_seconds"  # and what each evaluation cost
+
 
 def _known(name: str, task_names: list[str]) -> bool:
     return name in task_names or bool(fnmatch.filter(task_names, name)) or Path(name).is_file()

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from modeling import IGNORE_INDEX
+
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
     """UTF-8 bytes each token id stands for (0 for special tokens).
@@ -64,7 +66,7 @@ def objective_metrics(model, dataset, collator, *, byte_lengths: torch.Tensor | 
         rows = [collator([dataset[i]]) for i in chunk]
         batch = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
         targets = batch["shift_labels"] if "shift_labels" in batch else batch["labels"]
-        scored = targets != -100
+        scored = targets != IGNORE_INDEX
         logits = model(**_model_inputs(batch, device)).logits.float().cpu()
         picked, wanted = logits[scored], targets[scored]
         total_nll += torch.nn.functional.cross_entropy(picked, wanted, reduction="sum").item()

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from data_prep.documents import read_documents
 from data_prep.token_dataset import PackedDataset, document_position_ids, is_packed_shards
+from modeling import IGNORE_INDEX
 
 # exp() overflows a float past ~709.78 nats; a mean loss that high is reported as an infinite perplexity.
 _MAX_EXP_ARGUMENT = 709.0
@@ -135,7 +136,7 @@ def _score_batch(model, batch: list[tuple[torch.Tensor, int]], pad_id: int, rese
     """Summed NLL (nats) and number of scored targets of a batch of windows."""
     length = max(len(tokens) - 1 for tokens, _ in batch)
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(batch), length), dtype=torch.long)
     for row, (tokens, num_scored) in enumerate(batch):
         size = len(tokens) - 1
@@ -147,7 +148,7 @@ def _score_batch(model, batch: list[tuple[torch.Tensor, int]], pad_id: int, rese
         position_ids[row, size:] = positions[-1] + 1 + torch.arange(length - size)
     device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False).logits
-    scored = labels != -100
+    scored = labels != IGNORE_INDEX
     targets = labels[scored].to(device)
     nll = torch.nn.functional.cross_entropy(logits[scored.to(device)].float(), targets, reduction="sum")
     return float(nll), int(scored.sum())

@@ -20,6 +20,8 @@ from .configuration_ember import PRESETS, EmberConfig
 from .modeling_ember import EmberForCausalLM, EmberModel, EmberPreTrainedModel
 from .modeling_ember_heads import EmberForMaskedLM, EmberForSequenceClassification, EmberForTokenClassification
 
+IGNORE_INDEX = -100  # the label of a position no loss scores (what torch's cross-entropy and transformers skip)
+
 AUTO_CLASSES = {
     AutoModel: EmberModel,
     AutoModelForCausalLM: EmberForCausalLM,
@@ -35,6 +37,7 @@ for auto_class, model_class in AUTO_CLASSES.items():
     model_class.register_for_auto_class(auto_class.__name__)
 
 __all__ = [
+    "IGNORE_INDEX",
     "PRESETS",
     "EmberConfig",
     "EmberForCausalLM",

@@ -19,14 +19,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import transformers
 from transformers import (
     DataCollatorForTokenClassification,
     DataCollatorWithPadding,
@@ -35,16 +31,14 @@ from transformers import (
     set_seed,
 )
 
-from cli import ConfigError, report_error
-from evaluation.classification import accuracy, entity_scores, macro_f1
-from modeling import EmberConfig
-from modeling.loading import checkpoint_tokenizer, load_model
+from evaluation.classification import baseline, metrics_function
+from modeling.loading import checkpoint_tokenizer
 from modeling.tokenizer_config import make_portable
 from training.arguments import CLASSIFIER_PATH_KEYS, ClassifierArguments, parse_training_args
 from training.callbacks import use_log_lines
-from training.checkpoints import as_launched_rank, exit_rank, resolve_resume
-from training.classification import ClassifierTrainer, SequenceDataset, TokenDataset, labels_of, read_records
-from training.interrupt import StopOnInterrupt, locked_run, stop_quietly
+from training.classification import ClassifierTrainer, build_classifier, checkpoint_path, load_classification_data
+from training.interrupt import StopOnInterrupt
+from training.run import recipe_main, run_from_command_line, train_and_finish
 
 SCHEMAS = (ClassifierArguments, TrainingArguments)
 
@@ -56,110 +50,24 @@ def parse(argv: Sequence[str] | None = None, *, config: str | Path | None = None
                                prog="recipes/finetune_classifier.py", description=__doc__.split("\n\n")[0])
 
 
-def load_data(args: ClassifierArguments, tokenizer):
-    """(train, validation, labels) with every problem a one-line ValueError naming file:line and field."""
-    for name in ("train_file", "validation_file"):
-        if not getattr(args, name):
-            raise ConfigError(f"{name}: required (python -m data_prep.tasks writes the stdlib tasks)")
-    token_level = args.task == "token"
-    fields = (args.tokens_field, args.tags_field) if token_level else (args.text_field, args.label_field)
-    train_records = read_records(args.train_file, fields)
-    labels = list(args.labels) if args.labels else labels_of(train_records, fields[1], token_level)
-    if token_level and "O" not in labels:
-        raise ConfigError("labels: a BIO tag set needs the tag 'O'")
-    label2id = {label: i for i, label in enumerate(labels)}
-    dataset = TokenDataset if token_level else SequenceDataset
-    train = dataset(train_records, tokenizer, label2id, args.max_length, *fields)
-    validation = dataset(read_records(args.validation_file, fields), tokenizer, label2id, args.max_length, *fields)
-    return train, validation, labels
-
-
-def checkpoint_path(args: ClassifierArguments) -> Path:
-    path = Path(args.model_name_or_path)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model_name_or_path: not a checkpoint folder: {args.model_name_or_path!r}; pretrain one "
-                          "with python recipes/pretrain.py --config recipes/configs/pretrain_encoder_nano_cpu.yaml")
-    return path
-
-
-def build_classifier(args: ClassifierArguments, tokenizer, labels: list[str]):
-    """The checkpoint's trunk under a new sequence or token classification head (`modeling.loading`); with
-    `from_scratch`, the same architecture freshly initialised."""
-    model = load_model(checkpoint_path(args), head="token_classification" if args.task == "token"
-                       else "sequence_classification", weights=not args.from_scratch,
-                       attn_implementation=args.attn_implementation, num_labels=len(labels),
-                       id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-                       pad_token_id=tokenizer.pad_token_id,
-                       **({"classifier_pooling": args.classifier_pooling} if args.classifier_pooling else {}))
-    if not isinstance(model.config, EmberConfig):
-        raise ConfigError(f"model_name_or_path: {args.model_name_or_path} holds a {model.config.model_type!r} "
-                          "model, not an Ember one")
-    if model.config.vocab_size < len(tokenizer):
-        raise ConfigError(f"tokenizer_path: {len(tokenizer)} tokens do not fit the model's {model.config.vocab_size}")
-    if args.max_length > model.config.max_position_embeddings:
-        raise ConfigError(f"max_length: {args.max_length} exceeds the model's max_position_embeddings "
-                          f"{model.config.max_position_embeddings}")
-    model.config.use_cache = False
-    return model
-
-
-def sequence_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict[str, float]:
-    return {"accuracy": accuracy(gold, predicted), "macro_f1": macro_f1(gold, predicted, labels)}
-
-
-def token_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str, float]:
-    scores = entity_scores(gold, predicted)
-    return {"entity_f1": scores["f1"], "entity_precision": scores["precision"], "entity_recall": scores["recall"],
-            **{f"{kind}_f1": value["f1"] for kind, value in scores["per_type"].items()}}
-
-
-def baseline(validation, labels: list[str], task: str) -> dict[str, float]:
-    """The majority baseline: the validation set's most frequent label for every text (the best constant
-    guess, whatever the training set's balance), "O" for every word."""
-    if task == "token":
-        return token_scores(validation.tags, [["O"] * len(tags) for tags in validation.tags])
-    gold = [labels[example["labels"]] for example in validation.examples]
-    majority = Counter(gold).most_common(1)[0][0]
-    return {"label": majority, **sequence_scores(gold, [majority] * len(gold), labels)}
-
-
-def metrics_function(validation, labels: list[str], task: str):
-    """`compute_metrics` for the Trainer, on the validation set in order."""
-    id2label = dict(enumerate(labels))
-
-    def compute(prediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        predicted = np.asarray(logits).argmax(-1)
-        if task == "token":
-            words = [validation.word_predictions(i, row, id2label) for i, row in enumerate(predicted)]
-            return token_scores(validation.tags, words)
-        gold = [labels[example["labels"]] for example in validation.examples]
-        return sequence_scores(gold, [labels[int(p)] for p in predicted], labels)
-
-    return compute
-
-
+@recipe_main
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
-    as_launched_rank()
-    try:
-        args, training = parse(sys.argv[1:] if argv is None and config is None else argv, config=config,
-                               overrides=overrides)
-        set_seed(training.seed)
-        checkpoint_path(args)
-        tokenizer = checkpoint_tokenizer(args.tokenizer_path or args.model_name_or_path)
-        train, validation, labels = load_data(args, tokenizer)
-        model = build_classifier(args, tokenizer, labels)
-        if args.lora:
-            from training.finetune import add_lora, lora_config  # peft: slow to import, only for LoRA
+    args, training = parse(sys.argv[1:] if argv is None and config is None else argv, config=config,
+                           overrides=overrides)
+    set_seed(training.seed)
+    checkpoint_path(args)
+    tokenizer = checkpoint_tokenizer(args.tokenizer_path or args.model_name_or_path)
+    train, validation, labels = load_classification_data(args, tokenizer)
+    model = build_classifier(args, tokenizer, labels)
+    if args.lora:
+        from training.finetune import add_lora, lora_config  # peft: slow to import, only for LoRA
 
-            lora = lora_config(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-            lora.task_type = "TOKEN_CLS" if args.task == "token" else "SEQ_CLS"
-            lora.modules_to_save = ["score"]
-            model = add_lora(model, lora)
-    except (ConfigError, ValueError, OSError) as err:
-        return report_error(err)
+        lora = lora_config(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        lora.task_type = "TOKEN_CLS" if args.task == "token" else "SEQ_CLS"
+        lora.modules_to_save = ["score"]
+        model = add_lora(model, lora)
 
     training.remove_unused_columns = False
     training.label_names = ["labels"]
@@ -169,17 +77,14 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
                                 data_collator=collator, processing_class=tokenizer,
                                 compute_metrics=metrics_function(validation, labels, args.task))
     use_log_lines(trainer)
+    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer.is_world_process_zero():
         print(f"[classifier] {args.task} task, {len(labels)} labels | {len(train):,} train / {len(validation):,} "
               f"validation examples | {'LoRA r=' + str(args.lora_r) if args.lora else 'full'}: "
               f"{trainable:,} trainable parameters | {training.max_steps} steps", flush=True)
-    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
-    return locked_run(  # saving belongs to the run too
-        training.output_dir, main_process=training.process_index == 0,
-        resumes_itself=training.resume_from_checkpoint == "auto",
-        train=lambda: trainer.train(resume_from_checkpoint=resolve_resume(training.resume_from_checkpoint,
-                                                                          training.output_dir)),
+    return train_and_finish(  # saving belongs to the run too
+        training, "classifier", train=lambda resume: trainer.train(resume_from_checkpoint=resume),
         finish=lambda result: _finish(trainer, result, args, validation, labels, len(train)))
 
 
@@ -211,6 +116,4 @@ def _finish(trainer: Trainer, result, args: ClassifierArguments, validation, lab
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    transformers.logging.set_verbosity_warning()
-    exit_rank(stop_quietly(main))
+    run_from_command_line(main)

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from transformers import TrainingArguments, set_seed
 
-from cli import ConfigError, report_error
+from cli import ConfigError
 from modeling.loading import checkpoint_tokenizer, load_model, torch_dtype
 from modeling.tokenizer_config import make_portable
 from training.arguments import (
@@ -36,7 +35,6 @@ from training.arguments import (
     LoraArguments,
     parse_training_args,
 )
-from training.checkpoints import as_launched_rank, exit_rank, resolve_resume
 from training.finetune import (
     InstructionCollator,
     InstructionDataset,
@@ -47,7 +45,8 @@ from training.finetune import (
     parameter_counts,
     response_loss,
 )
-from training.interrupt import StopOnInterrupt, locked_run, stop_quietly
+from training.interrupt import StopOnInterrupt
+from training.run import recipe_main, run_from_command_line, train_and_finish
 
 SCHEMAS = (BaseModelArguments, LoraArguments, InstructionDataArguments, TrainingArguments)
 
@@ -89,21 +88,19 @@ def load_inputs(model_args: BaseModelArguments, lora_args: LoraArguments, data_a
     return tokenizer, train, validation, config, model
 
 
+@recipe_main
 def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
          overrides: Mapping[str, Any] | None = None) -> int:
     """Run the recipe; `argv` as on the command line, or (from code) a `config` YAML plus typed `overrides`."""
-    as_launched_rank()
-    try:
-        model_args, lora_args, data_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
-                                                       config=config, overrides=overrides)
-        set_seed(args.seed)
-        tokenizer, train, validation, adapter_config, base = load_inputs(model_args, lora_args, data_args)
-        model = add_lora(base, adapter_config)
-    except (ConfigError, ValueError, OSError) as err:
-        return report_error(err)
+    model_args, lora_args, data_args, args = parse(sys.argv[1:] if argv is None and config is None else argv,
+                                                   config=config, overrides=overrides)
+    set_seed(args.seed)
+    tokenizer, train, validation, adapter_config, base = load_inputs(model_args, lora_args, data_args)
+    model = add_lora(base, adapter_config)
 
     collator = InstructionCollator(tokenizer.pad_token_id, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
     trainer = finetuning_trainer(model, args, train, collator, tokenizer, optimizer_options=lora_args)
+    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
     autocast = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     counts = parameter_counts(model)
     if trainer.is_world_process_zero():
@@ -124,11 +121,8 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     if validation is not None:
         metrics["data"]["validation"] = validation.stats
         metrics["eval_before"] = evaluate("before")
-    trainer.add_callback(StopOnInterrupt())  # Ctrl-C: finish the step, save it, stop
-    return locked_run(  # saving and merging belong to the run too
-        args.output_dir, main_process=args.process_index == 0, resumes_itself=args.resume_from_checkpoint == "auto",
-        train=lambda: trainer.train(resume_from_checkpoint=resolve_resume(args.resume_from_checkpoint,
-                                                                          args.output_dir)),
+    return train_and_finish(  # saving and merging belong to the run too
+        args, "finetune", train=lambda resume: trainer.train(resume_from_checkpoint=resume),
         finish=lambda result: _finish(trainer, result, metrics, model_args, lora_args, data_args, tokenizer,
                                       evaluate, validation is not None))
 
@@ -160,6 +154,4 @@ def _finish(trainer, result, metrics: dict, model_args: BaseModelArguments, lora
 
 
 if __name__ == "__main__":
-    torch.set_float32_matmul_precision("high")
-    transformers.logging.set_verbosity_warning()
-    exit_rank(stop_quietly(main))
+    run_from_command_line(main)

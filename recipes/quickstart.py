@@ -41,11 +41,11 @@ from modeling import EmberConfig
 from modeling.loading import load_checkpoint
 from recipes import finetune_lora as finetune_recipe
 from recipes import pretrain as pretrain_recipe
-from training.dashboard import start_dashboard
-from training.pretraining import SETTINGS_FILE
-from training.quickstart_report import write_quickstart_report
-from training.run_report import REPORT_DIR
-from training.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
+from reporting.dashboard import start_dashboard
+from reporting.quickstart_report import write_quickstart_report
+from reporting.run_report import REPORT_DIR, SETTINGS_FILE
+from reporting.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
+from training.plan import plan_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
@@ -102,19 +102,19 @@ def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
     """Print what each stage will do and, from a probe of this machine's speed, how long it should take; returns
     the probe's seconds per pretraining step."""
     data = load_config(args.data_config, {**dotted_items(args.data_overrides), "output_dir": str(data_dir)})
-    model_args, _, _, _, train_args = pretrain_recipe.parse(config=args.pretrain_config, overrides={
+    settings = pretrain_recipe.parse(config=args.pretrain_config, overrides={
         **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(data_dir)})
+    model_args = settings.model
     config = EmberConfig.from_preset(model_args.preset, **{
         "vocab_size": data.tokenizer.vocab_size, "max_position_embeddings": data.pack.seq_len,
         **model_args.model_overrides})
-    batch = train_args.per_device_train_batch_size * train_args.gradient_accumulation_steps
-    probe = probe_step_seconds(config, batch, data.pack.seq_len)
-    tokens = train_args.max_steps * batch * data.pack.seq_len
-    print_plan(stages, estimate_seconds(args.eta_reference, probe, train_args.max_steps), probe, {
+    run = plan_run(settings.training, settings.run, data.pack.seq_len, tp_size=model_args.tp_size)
+    probe = probe_step_seconds(config, run.global_batch_size, run.seq_len)
+    print_plan(stages, estimate_seconds(args.eta_reference, probe, run.max_steps), probe, {
         "data": f"{', '.join(source.name for source in data.sources)} -> tokenizer ({data.tokenizer.vocab_size:,}) "
                 f"and blocks of {data.pack.seq_len}",
-        "pretrain": f"{model_args.preset} preset, {train_args.max_steps} steps x {batch * data.pack.seq_len:,} "
-                    f"tokens = {tokens:,} tokens",
+        "pretrain": f"{model_args.preset} preset, {run.max_steps} steps x {run.tokens_per_step:,} "
+                    f"tokens = {run.total_tokens:,} tokens",
         "perplexity": f"bits per byte on {args.eval_max_documents or 'all'} held-out documents",
         "instructions": f"up to {args.instruction_max_examples:,} docstring -> function pairs",
         "finetune": "LoRA on the pretrained model",

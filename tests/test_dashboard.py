@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from training.dashboard import free_port, start_dashboard
+from reporting.dashboard import free_port, start_dashboard
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # TensorBoard tag -> the key of the same series in trainer_state.json's log history.

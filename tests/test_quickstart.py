@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import recipe_error
 
-from training.dashboard import free_port
+from reporting.dashboard import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -126,7 +126,7 @@ def test_quickstart_config_mistake_is_one_line(tmp_path):
 
 
 def test_report_fences_any_prompt():
-    from training.quickstart_report import _fenced
+    from reporting.quickstart_report import _fenced
 
     assert _fenced("is `x` even?") == ["```", "is `x` even?", "```"]
     assert _fenced("a ```python block```") == ["````", "a ```python block```", "````"]

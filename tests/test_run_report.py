@@ -10,9 +10,9 @@ from matplotlib.image import imread
 
 from evaluation.perplexity import perplexity
 from modeling import sizing
+from reporting.model_card import write_model_card
+from reporting.run_report import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, run_statistics, write_run_report
 from tests.conftest import tiny_config
-from training.model_card import write_model_card
-from training.run_report import FIGURE_DPI, FIGURE_SIZE_INCHES, PLOTS, run_statistics, write_run_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = {plot.file for plot in PLOTS if not plot.optional}  # optional ones: only for runs that log them
@@ -117,8 +117,8 @@ def test_the_loss_rows_say_which_tokens_an_objective_scores(tmp_path, objective,
 
 
 def test_every_objective_has_its_label_and_an_unknown_one_is_refused(tmp_path):
+    from reporting.run_report import SCORED_TOKENS
     from training.objectives import OBJECTIVES
-    from training.run_report import SCORED_TOKENS
 
     assert sorted(SCORED_TOKENS) == sorted(OBJECTIVES)
     plain = write_run_report(tmp_path / "clm", make_log_history(), SUMMARY).read_text()

@@ -14,8 +14,9 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 from cli import ConfigError
 from data_prep.token_dataset import PackedDataset
 from recipes import pretrain as pretrain_recipe
-from training.averaging import EMACallback
 from training.data_order import BatchRamp, StepBatchSampler, block_ranges, blocks_of_ranges
+from training.ema import EMACallback
+from training.plan import RunPlan
 from training.spikes import DataState, LossSpikeCallback
 from training.trainer import PretrainingTrainer, collate_packed
 
@@ -84,8 +85,10 @@ def ramp_trainer(data_dir: Path, out: Path, steps: list[int], **kwargs) -> Pretr
                              report_to="none", seed=0, remove_unused_columns=False, dataloader_num_workers=0,
                              disable_tqdm=True)
     dataset = ReadCountingDataset(data_dir / "tokens" / "train", return_position_ids=True)
-    return PretrainingTrainer(model=model, args=args, data_collator=collate_packed, train_dataset=dataset,
-                              step_micro_batches=steps, **kwargs)
+    plan = RunPlan(seq_len=dataset.seq_len, micro_batch_size=2, accumulation=4, data_parallel=1, max_steps=len(steps),
+                   step_micro_batches=tuple(steps))
+    return PretrainingTrainer(model=model, args=args, data_collator=collate_packed, train_dataset=dataset, plan=plan,
+                              **kwargs)
 
 
 def history(trainer: PretrainingTrainer, keys=("step", "epoch", "loss", "grad_norm", "batch_tokens")) -> list[dict]:
@@ -265,8 +268,10 @@ def test_a_streamed_run_ramps_its_batch_and_resumes_exactly(data_dir, tmp_path):
                                  gradient_accumulation_steps=3, save_steps=2, logging_steps=1, use_cpu=True,
                                  report_to="none", seed=0, remove_unused_columns=False, dataloader_num_workers=0,
                                  disable_tqdm=True)
+        plan = RunPlan(seq_len=stream.seq_len, micro_batch_size=2, accumulation=3, data_parallel=1, max_steps=5,
+                       step_micro_batches=(1, 2, 2, 3, 3))
         trainer = PretrainingTrainer(model=model, args=args, data_collator=collate_packed, train_dataset=stream,
-                                     step_micro_batches=[1, 2, 2, 3, 3])
+                                     plan=plan)
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

@@ -18,6 +18,9 @@ from typing import Any
 from transformers import TrainingArguments
 
 from cli import parse_args
+from training.muon import LR_SCALINGS, OPTIMIZERS
+
+OBJECTIVES = ("clm", "prefix_lm", "mlm", "ul2")  # the pretraining objectives (training/objectives.py)
 
 # TrainingArguments fields that transformers renamed in 5.23, under their new name -> the old name (5.22 and older,
 # down to the oldest Ember supports). Recipes and code use the new names; they work on either.
@@ -94,8 +97,6 @@ class OptimizerArguments:
     muon_ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations"})
 
     def __post_init__(self):
-        from training.muon import LR_SCALINGS, OPTIMIZERS
-
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer: unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.muon_lr_scaling not in LR_SCALINGS:
@@ -117,7 +118,7 @@ class PretrainingArguments(OptimizerArguments):
         "help": "stop after this many optimizer steps in a row with NaN/inf gradients (each one is skipped)"})
     peak_flops: float | None = field(default=None, metadata={"help": "per-device peak FLOP/s for MFU"})
     expected_mfu: float = field(default=0.4, metadata={"help": "MFU the run report's time estimate assumes"})
-    # stability and better models per unit of compute (training/data_order.py, spikes.py, averaging.py)
+    # stability and better models per unit of compute (training/data_order.py, spikes.py, ema.py)
     z_loss: float = field(default=0.0, metadata={
         "help": "coefficient of the z-loss on the output logits' log-normaliser (PaLM: 1e-4); 0 = off"})
     batch_size_warmup_tokens: float = field(default=0, metadata={
@@ -180,8 +181,6 @@ class ObjectiveArguments:
         "help": "prefix_lm: a fixed prefix of this many tokens per document instead of a fraction (0: off)"})
 
     def __post_init__(self):
-        from training.objectives import OBJECTIVES
-
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name in ("mask_rate", "mask_token_rate", "random_token_rate"):

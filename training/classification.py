@@ -22,8 +22,11 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from cli import ConfigError
+from modeling import IGNORE_INDEX, EmberConfig
+from modeling.loading import load_model
+from training.arguments import ClassifierArguments
 from training.checkpoints import ReadableSavesMixin
-from training.trainer import IGNORE_INDEX
 
 
 def read_records(path: str | Path, fields: tuple[str, str]) -> list[tuple[str, dict[str, Any]]]:
@@ -136,8 +139,56 @@ class TokenDataset(torch.utils.data.Dataset):
         return [id2label[int(token_predictions[p])] if p >= 0 else "O" for p in self.first_tokens[index]]
 
 
+def load_classification_data(args: ClassifierArguments, tokenizer):
+    """(train, validation, labels) with every problem a one-line ValueError naming file:line and field."""
+    for name in ("train_file", "validation_file"):
+        if not getattr(args, name):
+            raise ConfigError(f"{name}: required (python -m data_prep.tasks writes the stdlib tasks)")
+    token_level = args.task == "token"
+    fields = (args.tokens_field, args.tags_field) if token_level else (args.text_field, args.label_field)
+    train_records = read_records(args.train_file, fields)
+    labels = list(args.labels) if args.labels else labels_of(train_records, fields[1], token_level)
+    if token_level and "O" not in labels:
+        raise ConfigError("labels: a BIO tag set needs the tag 'O'")
+    label2id = {label: i for i, label in enumerate(labels)}
+    dataset = TokenDataset if token_level else SequenceDataset
+    train = dataset(train_records, tokenizer, label2id, args.max_length, *fields)
+    validation = dataset(read_records(args.validation_file, fields), tokenizer, label2id, args.max_length, *fields)
+    return train, validation, labels
+
+
+def checkpoint_path(args: ClassifierArguments) -> Path:
+    path = Path(args.model_name_or_path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model_name_or_path: not a checkpoint folder: {args.model_name_or_path!r}; pretrain one "
+                          "with python recipes/pretrain.py --config recipes/configs/pretrain_encoder_nano_cpu.yaml")
+    return path
+
+
+def build_classifier(args: ClassifierArguments, tokenizer, labels: list[str]):
+    """The checkpoint's trunk under a new sequence or token classification head (`modeling.loading`); with
+    `from_scratch`, the same architecture freshly initialised."""
+    model = load_model(checkpoint_path(args), head="token_classification" if args.task == "token"
+                       else "sequence_classification", weights=not args.from_scratch,
+                       attn_implementation=args.attn_implementation, num_labels=len(labels),
+                       id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                       pad_token_id=tokenizer.pad_token_id,
+                       **({"classifier_pooling": args.classifier_pooling} if args.classifier_pooling else {}))
+    if not isinstance(model.config, EmberConfig):
+        raise ConfigError(f"model_name_or_path: {args.model_name_or_path} holds a {model.config.model_type!r} "
+                          "model, not an Ember one")
+    if model.config.vocab_size < len(tokenizer):
+        raise ConfigError(f"tokenizer_path: {len(tokenizer)} tokens do not fit the model's {model.config.vocab_size}")
+    if args.max_length > model.config.max_position_embeddings:
+        raise ConfigError(f"max_length: {args.max_length} exceeds the model's max_position_embeddings "
+                          f"{model.config.max_position_embeddings}")
+    model.config.use_cache = False
+    return model
+
+
 class ClassifierTrainer(ReadableSavesMixin, Trainer):
     """The HF Trainer; its saved model folders honour the umask (`ReadableSavesMixin`)."""
 
 
-__all__ = ["ClassifierTrainer", "SequenceDataset", "TokenDataset", "align_words", "labels_of", "read_records"]
+__all__ = ["ClassifierTrainer", "SequenceDataset", "TokenDataset", "align_words", "build_classifier", "checkpoint_path",
+           "labels_of", "load_classification_data", "read_records"]

@@ -14,10 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from cli import ConfigError
-from evaluation.downstream import build_task_manager, evaluate_downstream
-
-PREFIX = "downstream/"
-SECONDS = "downstream_seconds"
+from evaluation.downstream import PREFIX, SECONDS, build_task_manager, evaluate_downstream
 
 
 def downstream_metrics(results: dict) -> dict[str, float]:

@@ -34,13 +34,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from cli import honour_umask
 from data_prep.tokenizer import CHAT_TEMPLATE, IM_END
 from evaluation.perplexity import perplexity
+from modeling import IGNORE_INDEX
 from modeling.configuration_ember import LORA_TARGET_MODULES
 from modeling.loading import adapter_base, load_model
 from modeling.tokenizer_config import make_portable
 from training.callbacks import use_log_lines
 from training.checkpoints import ReadableSavesMixin
 from training.muon import OptimizerChoiceMixin
-from training.trainer import IGNORE_INDEX
 
 ROLES = ("system", "user", "assistant")
 # EmberExperts keeps all experts of a layer in two 3D parameters (Mixtral's layout).

@@ -16,16 +16,20 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from transformers import TrainerCallback
 
-from cli import INTERRUPTED, ConfigError, is_main_process, report_error
-from training.checkpoints import latest_complete_checkpoint, output_dir_lock, saved_step
+from cli import INTERRUPTED, is_main_process
+from training.checkpoints import latest_complete_checkpoint, saved_step
 
 
 class _CtrlC:
     requested = False
+
+
+def interrupted() -> bool:
+    """Whether a Ctrl-C stopped the last training (`StopOnInterrupt`)."""
+    return _CtrlC.requested
 
 
 def _request_stop(signum, frame) -> None:
@@ -67,24 +71,6 @@ def report_interrupt(output_dir: str, resumes_itself: bool = False) -> int:
             line = f"stopped by Ctrl-C: newest checkpoint {checkpoint} (step {saved_step(Path(checkpoint))}); {how}"
         print(line, file=sys.stderr, flush=True)
     return INTERRUPTED
-
-
-def locked_run(output_dir: str, *, main_process: bool, resumes_itself: bool, train: Callable[[], Any],
-               finish: Callable[[Any], int]) -> int:
-    """A recipe's run from training to its last file: `finish(train())` while holding the output folder's lock (one
-    run per folder; saving and reports belong to the run too). A training a Ctrl-C stopped is not finished but
-    reported (`report_interrupt`), as is a Ctrl-C anywhere in it; a `ConfigError` (a busy folder, a broken
-    checkpoint, a full disk) is one `error:` line. Returns the exit status. The trainers need `StopOnInterrupt`."""
-    try:
-        with output_dir_lock(output_dir, enabled=main_process):
-            result = train()
-            if _CtrlC.requested:
-                return report_interrupt(output_dir, resumes_itself)
-            return finish(result)
-    except ConfigError as err:
-        return report_error(err)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training steps
-        return report_interrupt(output_dir, resumes_itself)
 
 
 def stop_quietly(main: Callable[[], int]) -> int:

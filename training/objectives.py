@@ -30,17 +30,14 @@ same masks as an uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from data_prep.tokenizer import DENOISER_TOKENS, sentinel_token_ids
-from training.trainer import IGNORE_INDEX, collate_packed
-
-if TYPE_CHECKING:
-    from training.arguments import ObjectiveArguments
-
-OBJECTIVES = ("clm", "prefix_lm", "mlm", "ul2")
+from modeling import IGNORE_INDEX
+from training.arguments import OBJECTIVES, ObjectiveArguments
+from training.trainer import collate_packed
 
 
 def _rand(shape, generator: torch.Generator | None) -> torch.Tensor:

@@ -28,18 +28,19 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cli import ConfigError
+from modeling import IGNORE_INDEX
 from modeling.tokenizer_config import make_portable
-from training.averaging import EMACallback
 from training.callbacks import use_log_lines
 from training.checkpoints import ReadableSavesMixin, save_failure
 from training.data_order import StepBatchSampler
 from training.downstream import DownstreamEvalCallback
+from training.ema import EMACallback
 from training.muon import OptimizerChoiceMixin
 from training.optim import decay_parameter_names
+from training.plan import RunPlan
 from training.spikes import DataState, LossSpikeCallback, global_mean
 
 STREAM_STATE_FILE = "stream_state_{rank}.json"
-IGNORE_INDEX = -100  # the label of a position no loss scores (the value torch and transformers skip)
 
 
 def is_rank_stream(dataset: Any) -> bool:
@@ -69,7 +70,7 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
     it instead of re-reading and dropping the consumed batches.
     """
 
-    def __init__(self, *args, optimizer_options=None, z_loss: float = 0.0, step_micro_batches: list[int] | None = None,
+    def __init__(self, *args, optimizer_options=None, z_loss: float = 0.0, plan: RunPlan | None = None,
                  loss_spikes: LossSpikeCallback | None = None, data_state: DataState | None = None,
                  ema: EMACallback | None = None, eval_bytes_per_token: float | None = None,
                  downstream: DownstreamEvalCallback | None = None, **kwargs):
@@ -81,7 +82,8 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
             raise ConfigError(f"z_loss: must be >= 0, got {z_loss}")
         self.z_loss = z_loss
         self._z_sum, self._z_count = 0.0, 0  # mean log(Z)^2 per token since the last log, for the logs
-        self.step_micro_batches = step_micro_batches
+        self.plan = plan  # the run's batches (training/plan.py); with a batch ramp, Ember orders the blocks itself
+        self.step_micro_batches = list(plan.step_micro_batches) if plan and plan.step_micro_batches else None
         self.loss_spikes, self.ema = loss_spikes, ema
         self.data_state = data_state if data_state is not None else DataState()
         self.step_sampler: StepBatchSampler | None = None
@@ -299,9 +301,7 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
                 if hasattr(callback, "training_log_metrics"):
                     logs.update(callback.training_log_metrics())
             if self.step_micro_batches is not None:  # the batch-size ramp, for the run report's plot
-                step = min(max(self.state.global_step, 1), len(self.step_micro_batches))
-                logs["batch_tokens"] = (self.step_micro_batches[step - 1] * self._train_batch_size
-                                        * self.args.world_size * self.train_dataset.seq_len)
+                logs["batch_tokens"] = self.plan.step_tokens(self.state.global_step)
             if self.loss_spikes is not None:  # rollbacks so far, resumes included: a live dashboard shows them
                 logs["rollbacks"] = len(self.data_state.rollbacks)
             if self.z_loss and int(self._z_count):  # this rank's tokens; the loss includes z_loss x this

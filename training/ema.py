@@ -1,12 +1,10 @@
-"""Weight averages: an exponential moving average kept while training, and the mean of saved checkpoints.
+"""An exponential moving average of the weights, kept while training (`EMACallback`); the mean of saved
+checkpoints is `training/average.py`.
 
 - `EMACallback(decay)`: after every optimizer step, ema <- decay x ema + (1 - decay) x weights (in float32).
   Its state is part of every checkpoint (`ema_state.pt`, or one `ema_state_<rank>.pt` per rank when FSDP2
   shards the weights), so a resumed run continues the same average; `swapped_in(model)` puts the averaged
   weights into the model for a while, e.g. to save them as `<output_dir>/ema` with the Trainer's own save.
-- `average_checkpoints(paths)`: the element-wise mean of several checkpoints' weights (Polyak averaging of
-  the last K checkpoints; with a WSD schedule, averaging checkpoints of the stable phase approximates the
-  decay, Hägele et al. 2024). `python -m training.average` is its command line.
 
 An average of n steps with decay d spans about 1 / (1 - d) steps: 0.999 averages the last thousand or so.
 """
@@ -14,14 +12,12 @@ An average of n steps with decay d spans about 1 / (1 - d) steps: 0.999 averages
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TrainerCallback
-
-from modeling.loading import load_model
+from transformers import TrainerCallback
 
 EMA_FILE = "ema_state.pt"
 EMA_RANK_FILE = "ema_state_{rank}.pt"
@@ -93,27 +89,3 @@ class EMACallback(TrainerCallback):
         finally:
             for name, p in self._parameters():
                 _local(p).copy_(kept[name])
-
-
-@torch.no_grad()
-def average_checkpoints(paths: Sequence[str | Path]) -> PreTrainedModel:
-    """The first checkpoint's model holding the mean of all the checkpoints' weights (float32 mean, stored in
-    the first model's dtype). Every checkpoint must have the same parameters and shapes. Tied weights are one
-    parameter in the model and are averaged once; integer buffers are taken from the first checkpoint."""
-    if not paths:
-        raise ValueError("checkpoints: give at least one checkpoint folder")
-    model = load_model(paths[0])
-    names = {name: p for name, p in model.named_parameters()}
-    total = {name: p.detach().float().clone() for name, p in names.items()}
-    for path in paths[1:]:
-        other = dict(load_model(path).named_parameters())
-        if other.keys() != names.keys():
-            raise ValueError(f"{path}: has other parameters than {paths[0]} "
-                             f"({sorted(other.keys() ^ names.keys())[0]})")
-        for name, p in other.items():
-            if p.shape != total[name].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(p.shape)}, {paths[0]} {tuple(total[name].shape)}")
-            total[name] += p.detach().float()
-    for name, p in names.items():
-        p.copy_((total[name] / len(paths)).to(p.dtype))
-    return model

@@ -7,7 +7,7 @@
 - `cpu_model_name`, `available_cores`: the machine facts reports and benchmarks print.
 
 It works offline and reads nothing but its arguments. Plots are drawn on matplotlib's Agg canvas directly: no
-pyplot, no display, no global state. The model card is `training.model_card`.
+pyplot, no display, no global state. The model card is `reporting.model_card`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from evaluation.downstream import PREFIX as DOWNSTREAM_PREFIX
+from evaluation.downstream import SECONDS as DOWNSTREAM_SECONDS
 from evaluation.perplexity import perplexity
-from training.downstream import PREFIX as DOWNSTREAM_PREFIX
-from training.downstream import SECONDS as DOWNSTREAM_SECONDS
-from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
+from reporting.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
 
 
 def available_cores() -> int:
@@ -49,6 +49,7 @@ def cpu_model_name() -> str:
 
 
 REPORT_DIR = "run_report"
+SETTINGS_FILE = "settings.json"  # in REPORT_DIR: the settings the report lists, for other reports to read
 DOWNSTREAM_PLOT = "downstream_{metric}.png"
 FIGURE_SIZE_INCHES = (7.0, 4.0)
 FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a model repository

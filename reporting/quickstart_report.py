@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from training.markdown import fmt_duration, fmt_number, md_table
-from training.run_report import available_cores, cpu_model_name, draw_lines
-from training.stages import STAGE_TITLES
+from reporting.markdown import fmt_duration, fmt_number, md_table
+from reporting.run_report import available_cores, cpu_model_name, draw_lines
+from reporting.stages import STAGE_TITLES
 
 
 def _machine() -> str:

@@ -18,7 +18,7 @@ import torch
 
 from data_prep.io import atomic_write_text
 from modeling import EmberConfig, EmberForCausalLM
-from training.markdown import fmt_duration
+from reporting.markdown import fmt_duration
 
 STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
                 "instructions": "instruction set", "finetune": "LoRA finetuning", "generate": "generation",

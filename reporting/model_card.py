@@ -14,8 +14,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from evaluation.perplexity import perplexity
 from modeling.configuration_ember import EmberConfig
 from modeling.sizing import active_parameters, count_parameters
-from training.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
-from training.run_report import REPORT_DIR, scored_tokens
+from reporting.markdown import fmt_duration, fmt_number, is_finite, is_number, md_table
+from reporting.run_report import REPORT_DIR, scored_tokens
 
 CARD_TAGS = ["ember", "llama-style", "pretraining", "text-generation"]
 
