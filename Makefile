@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-quickstart quickstart data data-linux linux-corpus test slurm-deps browser-deps test-gpu test-min-transformers gpu-prep lint clean
+.PHONY: install install-quickstart quickstart data data-linux linux-corpus test slurm-deps browser-deps zpaq-deps test-gpu test-min-transformers gpu-prep lint clean
 
 install: $(VENV)/.installed-all
 install-quickstart: $(VENV)/.installed-quickstart
@@ -67,7 +67,7 @@ linux-corpus:
 data-linux: install-quickstart linux-corpus
 	$(PY) -m data_prep run --config recipes/configs/data/linux.yaml --workers=2
 
-test: install slurm-deps browser-deps
+test: install slurm-deps browser-deps zpaq-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests
 
 # A one-machine Slurm for tests/test_data_slurm.py (Debian packages; the test starts and stops the daemons).
@@ -87,6 +87,14 @@ browser-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			chromium >/dev/null; \
 	else echo "browser-deps: not root or no apt-get; install chromium to run the dashboard test"; fi
+
+# The zpaq archiver for tests/test_baselines.py (the quickstart's zpaq -m5 yardstick; Debian's zpaq), the same way.
+zpaq-deps:
+	@if command -v zpaq >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			zpaq >/dev/null; \
+	else echo "zpaq-deps: not root or no apt-get; install zpaq to measure zpaq -m5 in the tests and the quickstart"; fi
 
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install

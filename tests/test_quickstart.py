@@ -66,13 +66,18 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
 
     expected = compressor_bits_per_byte(read_documents(out / "data" / "documents" / "validation"), max_documents=2)
     assert headline["held_out_bpb_compressors"] == {name: r["bits_per_byte"] for name, r in expected.items()}
-    assert list(expected) == ["gzip -9", "zstd -19", "xz -9e", "bzip2 -9"]
+    assert list(expected) == ["gzip -9", "zstd -19", "xz -9e", "bzip2 -9", "brotli -q 11", "zpaq -m5"]
     assert results["stages"]["perplexity"]["compressors"]["xz -9e"]["bytes"] == sum(
         len(text.encode()) for text in list(read_documents(out / "data" / "documents" / "validation"))[:2])
 
     report = (out / "report.md").read_text()
     assert f"{headline['held_out_bpb_pretrained']:.3f}" in report
     assert f"| xz -9e (each document compressed on its own) | {expected['xz -9e']['bits_per_byte']:.3f} |" in report
+    assert f"| brotli -q 11 (each document compressed on its own) | {expected['brotli -q 11']['bits_per_byte']:.3f} |" \
+        in report
+    zpaq = expected["zpaq -m5"]
+    assert (f"| zpaq -m5 (each document compressed on its own) | {zpaq['bits_per_byte']:.3f} |" if zpaq["bits_per_byte"]
+            else "| zpaq -m5 (each document compressed on its own) | not measured (zpaq not installed) |") in report
     assert f"{headline['lora_response_loss_after']:.3f}" in report
     finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
     assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained
