@@ -357,17 +357,37 @@ def _sizing_section(stats: dict, on_gpu: bool) -> list[str]:
 
 
 def _rollback_section(rollbacks: list[dict]) -> list[str]:
-    """The loss spikes the run rolled back from (training/spikes.py), with the blocks it skipped."""
+    """The loss spikes the run rolled back from (training/spikes.py): what the screen of the blocks found, and the
+    blocks it skipped."""
     if not rollbacks:
         return []
+
+    def decision(event: dict) -> str:
+        if event.get("decision") == "shift":
+            return f"a shift in the data ({event['why']}): nothing skipped, spike test re-baselined"
+        if event.get("decision") == "skip":
+            return f"{event['anomalous_blocks']} bad blocks skipped"
+        return "the blocks since the checkpoint skipped"  # a run from before the screen
+
+    def screened(event: dict) -> str:
+        if "screened_steps" not in event:
+            return "-"
+        first, last = event["screened_steps"]
+        return (f"steps {first}-{last}: threshold {event['block_threshold']:.4f} (median "
+                f"{event['reference_block_loss']:.4f}), highest {event['top_block_loss']:.4f}")
+
     rows = [(event["rollback"], event["spike_step"], f"{event['loss']:.4f}", f"{event['window_mean']:.4f}",
-             f"{event['zscore']:.1f}", event["resumed_from_step"],
-             ", ".join(f"{start}-{end - 1}" for start, end in event["skipped_blocks"]))
+             f"{event['zscore']:.1f}", event["resumed_from_step"], screened(event), decision(event),
+             ", ".join(f"{start}-{end - 1}" for start, end in event["skipped_blocks"]) or "-")
             for event in rollbacks]
     return ["## Loss spikes", "",
             *md_table(("rollback", "spike at step", "loss", "window mean", "z-score", "resumed from step",
-                       "blocks skipped (never read again)"), rows),
-            "", "The logs above continue from each rollback's checkpoint; the spiking steps are not in them.", ""]
+                       "blocks scored from the checkpoint's weights", "decision", "blocks skipped (never read again)"),
+                      rows),
+            "", "The logs above continue from each rollback's checkpoint; the spiking steps are not in them. Each "
+            "rollback first scores, forward only, the blocks since the checkpoint and after the spike against the "
+            "blocks trained just before it: blocks above the threshold are bad data and skipped; when none stands "
+            "out, or the rise outlasts the spike test's window, the data shifted and nothing is skipped.", ""]
 
 
 def write_run_report(output_dir: Path, log_history: list[dict], summary: dict) -> Path:

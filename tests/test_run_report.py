@@ -238,12 +238,22 @@ def test_batch_ramp_z_loss_and_rollbacks_get_their_plots_and_section(tmp_path):
             entry["batch_tokens"] = min(4096, 512 * (1 + entry["step"] // 20))
             entry["z_loss"] = 30.0 - entry["step"] / 20
     rollback = {"rollback": 1, "spike_step": 120, "loss": 9.5, "window_mean": 4.1, "zscore": 31.0,
-                "resumed_from_step": 100, "skipped_blocks": [[800, 840], [900, 901]]}
-    text = write_run_report(tmp_path, history, {**SUMMARY, "rollbacks": [rollback]}).read_text()
+                "resumed_from_step": 100, "skipped_blocks": [[800, 840], [900, 901]], "decision": "skip",
+                "screened_steps": [101, 130], "reference_block_loss": 4.05, "block_threshold": 5.25,
+                "anomalous_blocks": 41, "top_block_loss": 9.9}
+    shift = {**rollback, "rollback": 2, "spike_step": 150, "resumed_from_step": 140, "skipped_blocks": [],
+             "decision": "shift", "why": "no block stands out", "anomalous_blocks": 0, "screened_steps": [141, 160],
+             "top_block_loss": 5.1}
+    text = write_run_report(tmp_path, history, {**SUMMARY, "rollbacks": [rollback, shift]}).read_text()
     for file in ("batch_size.png", "z_loss.png", "loss.png"):
         assert_real_png(tmp_path / "run_report" / file)
         assert f"]({file})" in text
-    assert "## Loss spikes" in text and "| 1 | 120 | 9.5000 | 4.1000 | 31.0 | 100 | 800-839, 900-900 |" in text
+    assert "## Loss spikes" in text
+    assert ("| 1 | 120 | 9.5000 | 4.1000 | 31.0 | 100 | steps 101-130: threshold 5.2500 (median 4.0500), highest "
+            "9.9000 | 41 bad blocks skipped | 800-839, 900-900 |") in text
+    assert ("| 2 | 150 | 9.5000 | 4.1000 | 31.0 | 140 | steps 141-160: threshold 5.2500 (median 4.0500), highest "
+            "5.1000 | a shift in the data (no block stands out): nothing skipped, spike test re-baselined | - |"
+            ) in text
     # The rollback is a dashed red line on the loss plot: a column of red pixels a plot without it lacks.
     red = np.array([0xD6, 0x27, 0x28]) / 255
     marked = imread(tmp_path / "run_report" / "loss.png")[..., :3]

@@ -17,7 +17,7 @@ from recipes import pretrain as pretrain_recipe
 from training.data_order import BatchRamp, StepBatchSampler, block_ranges, blocks_of_ranges
 from training.ema import EMACallback
 from training.plan import RunPlan
-from training.spikes import DataState, LossSpikeCallback
+from training.spikes import DataState, LossSpikeCallback, judge_blocks
 from training.trainer import PretrainingTrainer, collate_packed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -242,6 +242,28 @@ def test_spike_detector_flags_only_a_loss_far_above_the_window():
     newer = DataState({8}, [{"spike_step": 12, "rollback": 2}])
     newer.merge(state_on_disk)
     assert newer.skipped == {1, 2, 3, 7, 8} and [e["rollback"] for e in newer.rollbacks] == [1, 2]
+
+
+def test_blocks_are_judged_against_the_blocks_trained_before():
+    reference = [4.0, 4.2, 3.9, 4.1, 4.0, 4.3, 3.8, 9.0]  # one odd reference block does not move the line
+    center, spread, anomalous = judge_blocks(reference, {10: 4.4, 11: 7.5, 12: 4.0, 13: 6.1}, zscore=5.0)
+    assert center == 4.05 and 5.0 < center + 5 * spread < 6.1
+    assert anomalous == [11, 13]
+    # A reference with no spread at all still has a line: 2% of its median per standard deviation.
+    assert judge_blocks([5.0] * 6, {1: 5.4, 2: 5.6}, zscore=5.0) == (5.0, 0.1, [2])
+
+
+def test_a_shift_restarts_the_spike_window_at_its_checkpoint():
+    state = DataState(set(), [{"spike_step": 9, "rollback": 1, "resumed_from_step": 5, "decision": "skip"},
+                              {"spike_step": 30, "rollback": 2, "resumed_from_step": 25, "decision": "shift"}])
+    assert state.restarts() == {25}
+    detector = LossSpikeCallback(zscore=4.0, window=5)
+    detector.restart_at = state.restarts()
+    for step, kept in ((20, 3), (25, 0)):
+        trainer_state = TrainerState(global_step=step, stateful_callbacks={
+            "LossSpikeCallback": {"attributes": {"losses": [5.0, 5.1, 4.9]}}})
+        detector.on_train_begin(None, trainer_state, TrainerControl())
+        assert len(detector.losses) == kept
 
 
 def test_bad_options_reach_the_trainer_as_errors(data_dir, tmp_path):

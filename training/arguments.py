@@ -130,10 +130,12 @@ class PretrainingArguments(OptimizerArguments):
         "help": "keep an exponential moving average of the weights with this decay, saved to <output_dir>/ema"})
     loss_spike_zscore: float = field(default=0.0, metadata={
         "help": "a step loss this many standard deviations above the mean of the last loss_spike_window steps "
-                "rolls back to the last checkpoint and skips the data read since; 0 = off"})
+                "rolls back to the last checkpoint, scores the blocks since from its weights and skips the ones "
+                "that stand out (a shift the fresh data shares re-baselines instead); 0 = off"})
     loss_spike_window: int = field(default=50, metadata={"help": "steps whose losses the spike test compares with"})
     loss_spike_skip_ahead: int = field(default=0, metadata={
-        "help": "a rollback also skips the data of this many steps after the spike"})
+        "help": "steps after the spike whose blocks a rollback scores too; 0 = as many as lie between the "
+                "checkpoint and the spike"})
     max_rollbacks: int = field(default=3, metadata={"help": "stop with an error after this many loss-spike rollbacks"})
     # downstream tasks during training (training/downstream.py)
     downstream_tasks: list[str] = field(default_factory=list, metadata={

@@ -1,17 +1,26 @@
-"""Loss spikes that recover by themselves: detect one, go back to the last good checkpoint, skip the data since.
+"""Loss spikes that recover by themselves: detect one, find out what caused it, skip exactly the bad data.
 
     detector = LossSpikeCallback(zscore=6.0, window=50)
     trainer, result = train_with_rollbacks(make_trainer, resume, max_rollbacks=3)
 
 A step's loss (the mean over the whole global batch) is a spike when it lies more than `zscore` standard
 deviations above the mean of the previous `window` steps' losses. The detector then stops training at that
-step without saving. `train_with_rollbacks` builds a fresh trainer that resumes from the newest intact
-checkpoint before the spike and never reads the blocks of the steps from that checkpoint to the spike (and
-`skip_ahead` steps beyond) again
-(`DataState`, saved as `data_state.json` in every later checkpoint, so a resume after the rollback is exact
-too). PaLM (Chowdhery et al. 2022) handled its spikes this way by hand: restart about 100 steps before the
-spike and skip 200-500 batches. Here the window skipped is exactly the steps since the checkpoint, so how far
-back a rollback goes is `save_steps`.
+step without saving, and `train_with_rollbacks` looks before it skips anything: from the weights of the newest
+intact checkpoint before the spike it scores, forward only, each block the steps since that checkpoint read and
+the blocks of the steps after the spike (`skip_ahead` of them, or as many as lie between checkpoint and spike),
+against the blocks the run trained on just before the checkpoint (`judge_blocks`). Then:
+
+- blocks that stand out (bad data: a corrupted region of any length, contiguous or scattered) are skipped, and
+  only they: the screen goes on past the spike until a step reads no bad block; the run resumes from the
+  checkpoint without them (`DataState`, saved as `data_state.json` in every later checkpoint, so a resume after
+  the rollback is exact too);
+- no block stands out, or the spiking step's ordinary blocks share the rise, or it lasts a whole `window` of
+  steps past the spike: the fresh data shares it, so it is a shift in the data, not bad data; nothing is
+  skipped, the detector starts over from the checkpoint (re-baselined), and the run goes on.
+
+Either way the decision and its numbers are recorded with the rollback and listed in the run report. PaLM
+(Chowdhery et al. 2022) handled its spikes by hand: restart about 100 steps before the spike and skip 200-500
+batches, bad or not.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from cli import ConfigError
-from training.checkpoints import latest_complete_checkpoint
+from training.checkpoints import latest_complete_checkpoint, saved_step
 from training.data_order import block_ranges, blocks_of_ranges
 
 DATA_STATE_FILE = "data_state.json"
@@ -49,6 +58,10 @@ class DataState:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DataState:
         return cls(blocks_of_ranges(data.get("skipped_blocks", [])), list(data.get("rollbacks", [])))
+
+    def restarts(self) -> set[int]:
+        """Checkpoint steps a rollback re-baselined the detector from (a shift in the data)."""
+        return {event["resumed_from_step"] for event in self.rollbacks if event.get("decision") == "shift"}
 
     def merge(self, other: DataState) -> None:
         """Take in what a checkpoint recorded: a rollback decided after that checkpoint stays."""
@@ -73,9 +86,9 @@ class LossSpikeCallback(TrainerCallback, ExportableState):
     resumed run judges its steps exactly as the uninterrupted one would.
 
     `PretrainingTrainer` feeds it each step's global loss (`step_loss`); `spike` holds the last spike
-    ({"spike_step", "loss", "window_mean", "zscore"}) once training stopped on one. `skip_ahead`: a rollback
-    also skips the data of this many steps after the spike (bad data tends to come in runs; PaLM skipped
-    200-500 batches).
+    ({"spike_step", "loss", "window_mean", "zscore"}) once training stopped on one. `skip_ahead`: steps after the
+    spike whose blocks the rollback screens too (0: as many as lie between the checkpoint and the spike).
+    `restart_at`: checkpoint steps from which the window starts empty (a shift re-baselined it).
     """
 
     def __init__(self, zscore: float, window: int = 50, skip_ahead: int = 0):
@@ -89,11 +102,14 @@ class LossSpikeCallback(TrainerCallback, ExportableState):
         self.losses: list[float] = []
         self.spike: dict[str, Any] | None = None
         self.step_loss: Callable[[], float] | None = None
+        self.restart_at: set[int] = set()
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         if isinstance(saved, dict):
             self.losses = [float(x) for x in saved.get("attributes", {}).get("losses", self.losses)]
+        if state.global_step in self.restart_at:  # the data shifted after this checkpoint: learn it anew
+            self.losses = []
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.step_loss is None:
@@ -131,12 +147,67 @@ def global_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+MIN_RELATIVE_SPREAD = 0.02  # a reference spread below 2% of its median loss is taken as 2%: no hair trigger
+REFERENCE_BLOCKS = 64  # blocks trained just before the checkpoint that set the line
+SHARED_RISE = 1.0  # robust standard deviations the spiking step's ordinary blocks may rise before it is a shift
+
+
+def judge_blocks(reference: list[float], candidates: dict[int, float], zscore: float
+                 ) -> tuple[float, float, list[int]]:
+    """(reference median, robust standard deviation, anomalous blocks): a block is anomalous when its loss lies more
+    than `zscore` robust standard deviations (1.4826 x the median absolute deviation) above the median loss of
+    `reference`, blocks the run trained on just before. Median and MAD: a few odd reference blocks do not move the
+    line."""
+    center = statistics.median(reference)
+    spread = 1.4826 * statistics.median(abs(loss - center) for loss in reference)
+    spread = max(spread, MIN_RELATIVE_SPREAD * abs(center), 1e-6)
+    return center, spread, sorted(block for block, loss in candidates.items() if loss > center + zscore * spread)
+
+
+def screen(trainer, checkpoint: str, spike_step: int, detector: LossSpikeCallback) -> dict[str, Any]:
+    """Score blocks from the weights of `checkpoint` and decide what the spike was (see the module docstring):
+    {"decision": "skip" | "shift", "why", "skipped_blocks", "screened_steps", "reference_block_loss",
+    "block_threshold", "anomalous_blocks", "top_block_loss"}. Every rank calls it (the scoring is shared)."""
+    sampler, resumed = trainer.step_sampler, saved_step(Path(checkpoint))
+    span = spike_step - resumed
+    last_step = len(sampler.steps)
+    trainer.load_checkpoint_weights(checkpoint)
+    # About REFERENCE_BLOCKS blocks from the steps just before the checkpoint (at least `span` steps, at most a window)
+    per_step = len(sampler.blocks_of_steps(resumed, resumed))
+    back = min(detector.window, max(span, math.ceil(REFERENCE_BLOCKS / per_step)))
+    reference = trainer.block_losses(sampler.blocks_of_steps(max(1, resumed - back + 1), resumed))
+    losses: dict[int, float] = {}
+    first, last = resumed + 1, min(spike_step + (detector.skip_ahead or span), last_step)
+    while True:
+        losses.update(trainer.block_losses(sampler.blocks_of_steps(first, last)))
+        center, spread, anomalous = judge_blocks(list(reference.values()), losses, detector.zscore)
+        bad_tail = set(anomalous) & set(sampler.blocks_of_steps(last, last))
+        # Past the spike until a step reads no bad block; a rise lasting a whole window is the data's new normal.
+        if not bad_tail or last >= min(spike_step + detector.window, last_step):
+            break
+        first, last = last + 1, min(last + span, spike_step + detector.window, last_step)
+    # The bad blocks explain the spike unless the spiking step's ordinary blocks share its rise: their mean lies
+    # more than SHARED_RISE spreads above the reference and, as a mean of that many, `zscore` standard errors.
+    ordinary = [losses[b] for b in sampler.blocks_of_steps(spike_step, spike_step) if b not in anomalous]
+    rise = statistics.fmean(ordinary) - center if ordinary else 0.0
+    shared = rise > SHARED_RISE * spread and rise * math.sqrt(len(ordinary)) / spread > detector.zscore
+    lasting = bool(bad_tail) and last >= spike_step + detector.window
+    shift = not anomalous or shared or lasting
+    why = ("no block stands out" if not anomalous else
+           f"the ordinary blocks of step {spike_step} share the rise" if shared else f"the rise lasts past step {last}")
+    return {"decision": "shift" if shift else "skip", "skipped_blocks": [] if shift else anomalous,
+            "why": why if shift else f"{len(anomalous)} blocks stand out",
+            "screened_steps": [resumed + 1, last], "reference_block_loss": center,
+            "block_threshold": center + detector.zscore * spread, "anomalous_blocks": len(anomalous),
+            "top_block_loss": max(losses.values())}
+
+
 def train_with_rollbacks(make_trainer: Callable[[DataState], Any], resume: str | None, max_rollbacks: int,
                          announce: Callable[[str], None] = print) -> tuple[Any, Any]:
     """`make_trainer(data_state).train(resume)`, again from the last good checkpoint after each loss spike, with
-    the blocks since that checkpoint skipped; returns (trainer, train output). After `max_rollbacks`
-    rollbacks (counted over the whole run, resumes included), or with no checkpoint before a spike, a
-    `RollbackError`."""
+    the bad blocks the screen found skipped or, for a shift in the data, the detector re-baselined; returns
+    (trainer, train output). After `max_rollbacks` rollbacks (counted over the whole run, resumes included), or
+    with no checkpoint before a spike, a `RollbackError`."""
     data_state = DataState()
     while True:
         trainer = make_trainer(data_state)
@@ -156,14 +227,21 @@ def train_with_rollbacks(make_trainer: Callable[[DataState], Any], resume: str |
         if checkpoint is None:
             raise RollbackError(f"training stopped: {what}, and no checkpoint before it to roll back to "
                                 f"(save_steps {trainer.args.save_steps})")
-        resumed_step = int(Path(checkpoint).name.rsplit("-", 1)[1])
-        last = min(step + detector.skip_ahead, len(trainer.step_sampler.steps))
-        blocks = trainer.step_sampler.blocks_of_steps(resumed_step + 1, last)
+        found = screen(trainer, checkpoint, step, detector)
+        blocks = found.pop("skipped_blocks")
         data_state.skipped |= set(blocks)
         data_state.rollbacks.append({**spike, "rollback": len(data_state.rollbacks) + 1,
-                                     "resumed_from_step": resumed_step, "skipped_blocks": block_ranges(blocks)})
-        message = f"{what}: rolling back to {Path(checkpoint).name}, skipping the {len(blocks)} blocks of " \
-                  f"steps {resumed_step + 1}-{last}"
+                                     "resumed_from_step": saved_step(Path(checkpoint)),
+                                     "skipped_blocks": block_ranges(blocks), **found})
+        first, last = found["screened_steps"]
+        judged = (f"scored the blocks of steps {first}-{last} from its weights against a threshold of "
+                  f"{found['block_threshold']:.4f} (median {found['reference_block_loss']:.4f} before it)")
+        if found["decision"] == "skip":
+            message = f"{what}: rolling back to {Path(checkpoint).name}; {judged}: skipping the " \
+                      f"{len(blocks)} blocks above it ({', '.join(f'{a}-{b - 1}' for a, b in block_ranges(blocks))})"
+        else:
+            message = f"{what}: rolling back to {Path(checkpoint).name}; {judged}: {found['why']}, a shift in the " \
+                      f"data: nothing skipped, the spike test starts over from step {saved_step(Path(checkpoint))}"
         if trainer.is_world_process_zero():
             announce(f"[pretrain] {message}")
         del trainer, result

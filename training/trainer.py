@@ -122,7 +122,34 @@ class PretrainingTrainer(OptimizerChoiceMixin, ReadableSavesMixin, Trainer):
             saved = DataState.read(resume_from_checkpoint)  # the blocks skipped before that checkpoint
             if saved is not None:
                 self.data_state.merge(saved)
+        if self.loss_spikes is not None:
+            self.loss_spikes.restart_at = self.data_state.restarts()
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def load_checkpoint_weights(self, checkpoint: str) -> None:
+        """The weights of `checkpoint` into this trainer's model (as a resume loads them), e.g. to score data from
+        them after a loss spike."""
+        self._load_from_checkpoint(checkpoint)
+
+    @torch.no_grad()
+    def block_losses(self, blocks: list[int]) -> dict[int, float]:
+        """{block: its mean loss} of training blocks under the current weights, forward only, one block at a time.
+        The ranks share the work (the same number of forwards each, as sharded models need) and all get every
+        value; the random state is left as it was (a collator may draw masks)."""
+        model, world, rank = self.model, self.args.world_size, self.args.process_index
+        values = torch.zeros(len(blocks), device=self.args.device)
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]):
+            for index in range(rank, rank + world * math.ceil(len(blocks) / world), world):
+                example = self.train_dataset[blocks[min(index, len(blocks) - 1)]]
+                loss = model(**self._prepare_inputs(self.data_collator([example]))).loss
+                if index < len(blocks):
+                    values[index] = loss.float()
+        model.train(was_training)
+        if world > 1:
+            torch.distributed.all_reduce(values)
+        return dict(zip(blocks, values.tolist()))
 
     def get_train_dataloader(self) -> DataLoader:
         if self.orders_blocks:
