@@ -16,6 +16,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 MAX_STEPS = 60
 
 
+def as_a_terminal_job() -> None:
+    """In the child before exec: SIGINT does what it does for a job started from a terminal. A shell that starts
+    the tests in the background hands every child an ignored SIGINT, which Python then keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def pretrain_command(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "recipes" / "pretrain.py"), "--config",
             str(REPO_ROOT / "recipes" / "configs" / "pretrain_nano_cpu.yaml"), f"--data_dir={data_dir}",
@@ -38,7 +44,7 @@ def test_ctrl_c_saves_the_step_and_the_run_resumes_exactly(data_dir, tmp_path):
 
     out = tmp_path / "interrupted"
     process = subprocess.Popen(pretrain_command(data_dir, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=REPO_ROOT, env=ENV)
+                               text=True, cwd=REPO_ROOT, env=ENV, preexec_fn=as_a_terminal_job)
     for line in process.stdout:  # Ctrl-C once training is under way (the terminal sends SIGINT)
         if line.startswith("step 5/"):
             process.send_signal(signal.SIGINT)
@@ -66,7 +72,8 @@ def test_ctrl_c_in_a_data_run_ends_in_one_line(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "data_prep", "run", "--config", str(STDLIB_CONFIG),
                                 f"--output_dir={tmp_path / 'data'}", *SMALL_RUN, "--workers=2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=ENV,
-                               start_new_session=True)  # its own process group, as a terminal's job is
+                               start_new_session=True,  # its own process group, as a terminal's job is
+                               preexec_fn=as_a_terminal_job)
     for line in process.stdout:
         if line.startswith("[data_prep] filter"):
             os.killpg(process.pid, signal.SIGINT)  # the terminal signals the whole group: workers too
