@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None, *, config: str | Path | None = None,
     trainers = PretrainingTrainers(settings, plan, data, model)
     describe_run(settings, plan, data, model)
 
-    # A loss spike rolls back to the last good checkpoint and skips the data since (training/spikes.py).
+    # A loss spike rolls back to the last good checkpoint and skips the bad blocks it finds (training/spikes.py).
     return train_and_finish(
         args, "pretrain", train=lambda resume: train_with_rollbacks(trainers, resume, settings.run.max_rollbacks),
         finish=lambda trained: finish_pretraining(*trained, settings, plan))
