@@ -98,9 +98,10 @@ def sample(model_dir: Path, prompts: list[str], args: QuickstartArguments, chat:
     return samples
 
 
-def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
+def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> tuple[float, dict[str, float]]:
     """Print what each stage will do and, from a probe of this machine's speed, how long it should take; returns
-    the probe's seconds per pretraining step."""
+    the probe's seconds per pretraining step and the estimated seconds per stage (the report sets them against the
+    measured ones)."""
     data = load_config(args.data_config, {**dotted_items(args.data_overrides), "output_dir": str(data_dir)})
     settings = pretrain_recipe.parse(config=args.pretrain_config, overrides={
         **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(data_dir)})
@@ -110,7 +111,8 @@ def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
         **model_args.model_overrides})
     run = plan_run(settings.training, settings.run, data.pack.seq_len, tp_size=model_args.tp_size)
     probe = probe_step_seconds(config, run.global_batch_size, run.seq_len)
-    print_plan(stages, estimate_seconds(args.eta_reference, probe, run.max_steps), probe, {
+    estimate = estimate_seconds(args.eta_reference, probe, run.max_steps)
+    print_plan(stages, estimate, probe, {
         "data": f"{', '.join(source.name for source in data.sources)} -> tokenizer ({data.tokenizer.vocab_size:,}) "
                 f"and blocks of {data.pack.seq_len}",
         "pretrain": f"{model_args.preset} preset, {run.max_steps} steps x {run.tokens_per_step:,} "
@@ -120,7 +122,7 @@ def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> float:
         "finetune": "LoRA on the pretrained model",
         "generate": f"{len(args.prompts)} completion(s), {len(args.chat_prompts)} chat answer(s)",
         "report": f"{Path(args.output_dir) / 'report.md'}"})
-    return probe
+    return probe, estimate
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "finetuned": sample(finetune_dir / "merged", args.chat_prompts, args, chat=True)}
 
     try:
-        probe = plan(args, stages, data_dir)
+        probe, estimate = plan(args, stages, data_dir)
         stages.run("data", data)
         stages.run("pretrain", pretrain)
         stages.run("perplexity", perplexity)
@@ -201,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stages.run("generate", samples)
         report = stages.run("report", lambda: {"path": str(write_quickstart_report(
             out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
-            probe_step_seconds=probe))})
+            probe_step_seconds=probe, estimated_seconds=estimate))})
     except KeyboardInterrupt:  # pretraining and finetuning say where they stopped themselves (a return code)
         where = STAGE_TITLES[stages.current] if stages.current else "the plan"
         print(f"stopped by Ctrl-C in {where}: finished stages are kept; the same command goes on from there",

@@ -79,6 +79,11 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     assert (f"| zpaq -m5 (each document compressed on its own) | {zpaq['bits_per_byte']:.3f} |" if zpaq["bits_per_byte"]
             else "| zpaq -m5 (each document compressed on its own) | not measured (zpaq not installed) |") in report
     assert f"{headline['lora_response_loss_after']:.3f}" in report
+    # The plan's estimate beside each stage's time: how honest the plan was, in every run's report.
+    estimated, measured = results["estimated_stage_seconds"], results["stage_seconds"]
+    assert set(estimated) == set(measured) and estimated["pretrain"] > 0
+    assert "| stage | time | plan's estimate | time / estimate |" in report
+    assert f"| {measured['pretrain'] / estimated['pretrain']:.2f} |" in report
     finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
     assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained
     assert f"| examples trained on (pairs with a response token left within max_length) | " \
