@@ -70,31 +70,28 @@ data-linux: install-quickstart linux-corpus
 test: install slurm-deps browser-deps zpaq-deps
 	$(PY) -m pytest -n 2 -m "not gpu" tests
 
-# A one-machine Slurm for tests/test_data_slurm.py (Debian packages; the test starts and stops the daemons).
-# Installed when running as root with apt-get and missing; otherwise those tests are skipped outside CI.
+# Debian packages some tests run for real, installed when missing if running as root with apt-get; otherwise those
+# tests are skipped outside CI. $(call apt_deps,target,command that shows it is there,packages,what it is for)
+define apt_deps
+	@if $(2); then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(3) >/dev/null; \
+	else echo "$(1): not root or no apt-get; install $(3) $(4)"; fi
+endef
+
+# A one-machine Slurm for tests/test_data_slurm.py (the test starts and stops the daemons).
 SLURM_PACKAGES := slurmctld slurmd slurm-client munge
 slurm-deps:
-	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			$(SLURM_PACKAGES) >/dev/null; \
-	else echo "slurm-deps: not root or no apt-get; install $(SLURM_PACKAGES) to run the Slurm tests"; fi
+	$(call apt_deps,slurm-deps,command -v slurmctld >/dev/null && command -v munged >/dev/null,$(SLURM_PACKAGES),to run the Slurm tests)
 
-# A real headless browser for tests/test_dashboard.py (Debian's chromium), installed the same way.
+# A real headless browser for tests/test_dashboard.py.
 browser-deps:
-	@if command -v chromium >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			chromium >/dev/null; \
-	else echo "browser-deps: not root or no apt-get; install chromium to run the dashboard test"; fi
+	$(call apt_deps,browser-deps,command -v chromium >/dev/null,chromium,to run the dashboard test)
 
-# The zpaq archiver for tests/test_baselines.py (the quickstart's zpaq -m5 yardstick; Debian's zpaq), the same way.
+# The zpaq archiver for tests/test_baselines.py (the quickstart's zpaq -m5 yardstick).
 zpaq-deps:
-	@if command -v zpaq >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			zpaq >/dev/null; \
-	else echo "zpaq-deps: not root or no apt-get; install zpaq to measure zpaq -m5 in the tests and the quickstart"; fi
+	$(call apt_deps,zpaq-deps,command -v zpaq >/dev/null,zpaq,to measure zpaq -m5 in the tests and the quickstart)
 
 # On a CUDA machine: bf16, sdpa and flash-attention paths.
 test-gpu: install

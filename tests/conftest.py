@@ -145,18 +145,27 @@ def small_local_run(tmp_path_factory):
     return cfg
 
 
+def debian_program(program: str, target: str, ci_reason: str, needs_root: bool = False) -> str:
+    """The path of a Debian program a test runs for real. `make test` installs it (`make <target>`, as root), so
+    under CI its absence is an error (`ci_reason`); elsewhere the test is skipped."""
+    import shutil
+
+    path = shutil.which(program)
+    if path is None or (needs_root and os.geteuid() != 0):
+        if os.environ.get("CI"):
+            raise RuntimeError(f"CI must {ci_reason}: `make test` installs {program} (make {target})")
+        pytest.skip(f"needs {'root and ' if needs_root else ''}Debian's {program} (make {target})")
+    return path
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A real one-machine Slurm (controller + this host as its node), started for the session; yields the
     environment (SLURM_CONF) its commands need. Needs root and Debian's slurmctld/slurmd/munge packages,
     which `make test` installs (make slurm-deps); CI must have them, elsewhere the tests are skipped."""
-    import shutil
     import subprocess
 
-    if shutil.which("slurmctld") is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI must run the Slurm tests: `make test` installs slurmctld, slurmd and munge")
-        pytest.skip("needs root and Debian's slurmctld/slurmd/munge (make slurm-deps)")
+    debian_program("slurmctld", "slurm-deps", "run the Slurm tests (slurmctld, slurmd and munge)", needs_root=True)
     scripts = REPO_ROOT / "tests" / "slurm"
     directory = tmp_path_factory.mktemp("slurm")
     started = subprocess.run(["bash", str(scripts / "start_local_slurm.sh"), str(directory)], capture_output=True,

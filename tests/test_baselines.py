@@ -5,7 +5,6 @@ import gzip
 import inspect
 import json
 import lzma
-import os
 import random
 import shutil
 import subprocess
@@ -13,6 +12,7 @@ import subprocess
 import brotli
 import pytest
 import zstandard
+from conftest import debian_program
 
 from evaluation.baselines import compressor_bits_per_byte, zpaq_m5
 
@@ -60,12 +60,7 @@ def test_brotli_reaches_repeats_beyond_gzips_window():
 
 @pytest.fixture
 def zpaq() -> str:
-    path = shutil.which("zpaq")
-    if path is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI must measure zpaq -m5: `make test` installs zpaq (make zpaq-deps)")
-        pytest.skip("needs Debian's zpaq (make zpaq-deps)")
-    return path
+    return debian_program("zpaq", "zpaq-deps", "measure zpaq -m5")
 
 
 def test_zpaq_m5_counts_a_real_one_file_archive(zpaq, tmp_path):

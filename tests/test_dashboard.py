@@ -6,12 +6,12 @@ steps and rollbacks."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import debian_program
 
 from reporting.dashboard import free_port, start_dashboard
 
@@ -23,12 +23,7 @@ SERIES = {"train/loss": "loss", "eval/bits_per_byte": "eval_bits_per_byte", "tra
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        if os.environ.get("CI"):
-            raise RuntimeError("CI must run the dashboard test: `make test` installs chromium (make browser-deps)")
-        pytest.skip("needs Debian's chromium (make browser-deps)")
-    return path
+    return debian_program("chromium", "browser-deps", "run the dashboard test")
 
 
 def rendered_cards(chromium: str, url: str, tmp_path: Path) -> dict[str, str]:
