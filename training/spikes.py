@@ -166,8 +166,9 @@ def judge_blocks(reference: list[float], candidates: dict[int, float], zscore: f
 
 def screen(trainer, checkpoint: str, spike_step: int, detector: LossSpikeCallback) -> dict[str, Any]:
     """Score blocks from the weights of `checkpoint` and decide what the spike was (see the module docstring):
-    {"decision": "skip" | "shift", "why", "skipped_blocks", "screened_steps", "reference_block_loss",
-    "block_threshold", "anomalous_blocks", "top_block_loss"}. Every rank calls it (the scoring is shared)."""
+    {"decision": "skip" | "shift", "why", "skipped_blocks", "resumed_from_step", "screened_steps",
+    "reference_block_loss", "block_threshold", "anomalous_blocks", "top_block_loss"}. Every rank calls it (the
+    scoring is shared)."""
     sampler, resumed = trainer.step_sampler, saved_step(Path(checkpoint))
     span = spike_step - resumed
     last_step = len(sampler.steps)
@@ -197,7 +198,7 @@ def screen(trainer, checkpoint: str, spike_step: int, detector: LossSpikeCallbac
            f"the ordinary blocks of step {spike_step} share the rise" if shared else f"the rise lasts past step {last}")
     return {"decision": "shift" if shift else "skip", "skipped_blocks": [] if shift else anomalous,
             "why": why if shift else f"{len(anomalous)} blocks stand out",
-            "screened_steps": [resumed + 1, last], "reference_block_loss": center,
+            "resumed_from_step": resumed, "screened_steps": [resumed + 1, last], "reference_block_loss": center,
             "block_threshold": center + detector.zscore * spread, "anomalous_blocks": len(anomalous),
             "top_block_loss": max(losses.values())}
 
@@ -231,7 +232,6 @@ def train_with_rollbacks(make_trainer: Callable[[DataState], Any], resume: str |
         blocks = found.pop("skipped_blocks")
         data_state.skipped |= set(blocks)
         data_state.rollbacks.append({**spike, "rollback": len(data_state.rollbacks) + 1,
-                                     "resumed_from_step": saved_step(Path(checkpoint)),
                                      "skipped_blocks": block_ranges(blocks), **found})
         first, last = found["screened_steps"]
         judged = (f"scored the blocks of steps {first}-{last} from its weights against a threshold of "
@@ -241,7 +241,7 @@ def train_with_rollbacks(make_trainer: Callable[[DataState], Any], resume: str |
                       f"{len(blocks)} blocks above it ({', '.join(f'{a}-{b - 1}' for a, b in block_ranges(blocks))})"
         else:
             message = f"{what}: rolling back to {Path(checkpoint).name}; {judged}: {found['why']}, a shift in the " \
-                      f"data: nothing skipped, the spike test starts over from step {saved_step(Path(checkpoint))}"
+                      f"data: nothing skipped, the spike test starts over from step {found['resumed_from_step']}"
         if trainer.is_world_process_zero():
             announce(f"[pretrain] {message}")
         del trainer, result
