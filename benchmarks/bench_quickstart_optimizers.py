@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluation = {"window": quickstart["eval_window"], "stride": quickstart["eval_stride"],
                   "batch_size": quickstart["eval_batch_size"],
                   "max_documents": quickstart["eval_max_documents"] or None}
-    base = {**quickstart["pretrain_overrides"], **yaml.safe_load(args.pretrain_overrides), "data_dir": str(data_dir),
+    # The sweep's learning rate is each optimizer's whole rate: a Muon rate the quickstart sets is left out.
+    defaults = {k: v for k, v in quickstart["pretrain_overrides"].items() if k != "muon_learning_rate"}
+    base = {**defaults, **yaml.safe_load(args.pretrain_overrides), "data_dir": str(data_dir),
             "eval_strategy": "no", "logging_steps": 10, "disable_tqdm": True, "report_to": "none"}
     optimizers = args.optimizers.split(",")
     learning_rates = [float(x) for x in args.learning_rates.split(",")]

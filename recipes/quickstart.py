@@ -44,8 +44,8 @@ from recipes import pretrain as pretrain_recipe
 from reporting.dashboard import start_dashboard
 from reporting.quickstart_report import write_quickstart_report
 from reporting.run_report import REPORT_DIR, SETTINGS_FILE
-from reporting.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary, probe_step_seconds
-from training.plan import plan_run
+from reporting.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary
+from training.plan import plan_run, probe_step_seconds
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
@@ -110,7 +110,7 @@ def plan(args: QuickstartArguments, stages: Stages, data_dir: Path) -> tuple[flo
         "vocab_size": data.tokenizer.vocab_size, "max_position_embeddings": data.pack.seq_len,
         **model_args.model_overrides})
     run = plan_run(settings.training, settings.run, data.pack.seq_len, tp_size=model_args.tp_size)
-    probe = probe_step_seconds(config, run.global_batch_size, run.seq_len)
+    probe = probe_step_seconds(config, run.global_batch_size, run.seq_len, settings.run)
     estimate = estimate_seconds(args.eta_reference, probe, run.max_steps)
     print_plan(stages, estimate, probe, {
         "data": f"{', '.join(source.name for source in data.sources)} -> tokenizer ({data.tokenizer.vocab_size:,}) "

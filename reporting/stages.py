@@ -3,7 +3,8 @@ numbers each stage prints when it ends.
 
 The estimate scales the stage times of a reference run (`QuickstartArguments.eta_reference`: measured seconds
 per stage, and what one pretraining step took there) by how long one pretraining step of the configured model
-takes on this machine, measured at start (`probe_step_seconds`, about two seconds on 2 CPU cores).
+takes on this machine, measured at start with the run's optimizer (`training.plan.probe_step_seconds`, a few
+seconds on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data_prep.io import atomic_write_text
-from modeling import EmberConfig, EmberForCausalLM
 from reporting.markdown import fmt_duration
 
 STAGE_TITLES = {"data": "data preparation", "pretrain": "pretraining", "perplexity": "held-out perplexity",
@@ -56,25 +54,6 @@ class Stages:
         if line:
             print(f"    {line}", flush=True)
         return result
-
-
-def probe_step_seconds(config: EmberConfig, batch_size: int, seq_len: int, steps: int = 2) -> float:
-    """Seconds one optimizer step (forward, backward, AdamW) of a model of `config` takes here, on random tokens:
-    the fastest of `steps` timed steps after one untimed warm-up step."""
-    torch.manual_seed(0)
-    model = EmberForCausalLM(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
-    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        loss = model(input_ids=inputs, labels=targets, shift_labels=targets).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
 
 
 def estimate_seconds(reference: dict[str, Any], probe_seconds: float, max_steps: int) -> dict[str, float]:

@@ -8,9 +8,10 @@ import pytest
 from transformers import TrainingArguments
 
 from cli import ConfigError
-from training.arguments import PretrainingArguments
+from modeling import EmberConfig
+from training.arguments import OptimizerArguments, PretrainingArguments
 from training.checkpoints import output_dir_lock
-from training.plan import RunPlan, plan_run
+from training.plan import RunPlan, plan_run, probe_step_seconds
 from training.run import recipe_main, train_and_finish
 
 
@@ -100,3 +101,12 @@ def test_the_shell_resumes_from_the_newest_complete_checkpoint(tmp_path, capsys)
         assert train_and_finish(busy, "test", train=seen.append, finish=lambda result: 0) == 2
     assert capsys.readouterr().err.startswith("error: output_dir: ")
     assert seen == [None]  # refused before training
+
+
+def test_probe_times_the_runs_own_optimizer():
+    """The plan's probe steps the optimizer the run will use: Muon's Newton-Schulz iterations show in its time."""
+    config = EmberConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    adamw = probe_step_seconds(config, 1, 16, OptimizerArguments(optimizer="adamw"), steps=3)
+    muon = probe_step_seconds(config, 1, 16, OptimizerArguments(optimizer="muon", muon_ns_steps=60), steps=3)
+    assert 0 < adamw < muon
