@@ -37,12 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.bench_common import available_cores, cpu_model_name  # noqa: E402
-from benchmarks.bench_quickstart_optimizers import pretrain  # noqa: E402
-from cli.parser import dotted_items  # noqa: E402
+from benchmarks.bench_quickstart_optimizers import bits_per_byte, pretrain  # noqa: E402
+from cli import dotted_items  # noqa: E402
 from data_prep.config import load_config  # noqa: E402
 from data_prep.pipeline import run_pipeline  # noqa: E402
 from data_prep.token_dataset import PackedDataset  # noqa: E402
-from evaluation.perplexity import evaluate_path  # noqa: E402
 from modeling.loading import load_checkpoint  # noqa: E402
 
 QUICKSTART_CONFIG = REPO_ROOT / "recipes" / "configs" / "quickstart_cpu.yaml"
@@ -64,14 +63,6 @@ def data_dir_for(quickstart: dict, overrides: dict, work: Path, default: Path) -
 def median_step_seconds(state: dict, tokens_per_step: int) -> float:
     """Median seconds per step over the timed logs (ThroughputCallback leaves the first two steps out)."""
     return tokens_per_step / statistics.median(e["tokens_per_s"] for e in state["log_history"] if "tokens_per_s" in e)
-
-
-def held_out_bits_per_byte(out: Path, data_dir: Path, evaluation: dict) -> float:
-    model, tokenizer = load_checkpoint(out, device="cpu")
-    model.eval()
-    with torch.no_grad():
-        result = evaluate_path(model, tokenizer, data_dir / "documents" / "validation", **evaluation, progress=False)
-    return result.bits_per_byte
 
 
 def table(rows: list[dict]) -> str:
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                "step_seconds": step_seconds or train_runtime / steps, "train_runtime": train_runtime,
                "tokens": steps * tokens_per_step,
                "last_logged_loss": [e["loss"] for e in state["log_history"] if "loss" in e][-1],
-               "bits_per_byte": held_out_bits_per_byte(out, data_dir, evaluation),
+               "bits_per_byte": bits_per_byte(*load_checkpoint(out, device="cpu"), data_dir, evaluation),
                "load_average_1m": {"before": load_before, "after": os.getloadavg()[0]}, "machine": machine,
                "seconds_budget": args.seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         rows = [r for r in rows if r["arm"] != name] + [row]

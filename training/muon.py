@@ -171,6 +171,17 @@ def muon_parameter_groups(model: nn.Module, decay_names: set[str], *, lr: float,
     return [group for group in groups if group["params"]]
 
 
+def muon_optimizer(model: nn.Module, options: Any, decay_names: set[str], *, lr: float, weight_decay: float,
+                   **adamw_kwargs: Any) -> MuonWithAdamW:
+    """`MuonWithAdamW` over `model` with the Muon settings of `options` (an `OptimizerArguments`): Muon on the hidden
+    matrices at `options.muon_learning_rate` (default `lr`), AdamW at `lr` on the rest, `decay_names` decayed."""
+    groups = muon_parameter_groups(
+        model, decay_names, lr=lr, muon_lr=options.muon_learning_rate or lr, weight_decay=weight_decay,
+        momentum=options.muon_momentum, nesterov=options.muon_nesterov, ns_steps=options.muon_ns_steps,
+        lr_scaling=options.muon_lr_scaling)
+    return MuonWithAdamW(groups, lr=lr, **adamw_kwargs)
+
+
 class OptimizerChoiceMixin:
     """For a `transformers.Trainer` subclass: `optimizer_options.optimizer == "muon"` builds `MuonWithAdamW`; with
     "adamw" (or no options) the Trainer's own optimizer is built, unchanged.
@@ -196,12 +207,7 @@ class OptimizerChoiceMixin:
         if adamw_cls is not torch.optim.AdamW:
             raise ConfigError(f"optim: {self.args.optim} cannot pair with optimizer: muon; use adamw_torch or "
                               "adamw_torch_fused for the parameters Muon does not take")
-        args = self.args
-        groups = muon_parameter_groups(
-            opt_model, set(self.get_decay_parameter_names(opt_model)), lr=args.learning_rate,
-            muon_lr=options.muon_learning_rate or args.learning_rate, weight_decay=args.weight_decay,
-            momentum=options.muon_momentum, nesterov=options.muon_nesterov, ns_steps=options.muon_ns_steps,
-            lr_scaling=options.muon_lr_scaling)
-        self.optimizer = MuonWithAdamW(groups, **{k: v for k, v in adamw_kwargs.items() if k != "lr"},
-                                       lr=args.learning_rate)
+        self.optimizer = muon_optimizer(opt_model, options, set(self.get_decay_parameter_names(opt_model)),
+                                        lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                        **{k: v for k, v in adamw_kwargs.items() if k != "lr"})
         return self.optimizer

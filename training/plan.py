@@ -21,10 +21,10 @@ from cli import ConfigError
 from modeling import EmberConfig, EmberForCausalLM
 from training.arguments import OptimizerArguments, PretrainingArguments
 from training.data_order import BatchRamp
-from training.muon import MuonWithAdamW, muon_parameter_groups
+from training.muon import muon_optimizer
 
-# Timed probe steps: the median of 8 came within a few percent of a long run's typical step on a quiet machine,
-# where the fastest of 2 AdamW steps was 20% short of the Muon run's.
+# Timed probe steps, the median taken: a few seconds on 2 cores. On a shared VM the probe still moves with the
+# machine (0.27-0.36 s per micro step in three probes in a row, benchmarks/results/quickstart_cpu.md).
 PROBE_STEPS = 8
 
 
@@ -119,11 +119,8 @@ def probe_step_seconds(config: EmberConfig, batch_size: int, seq_len: int, optim
     torch.manual_seed(0)
     model = EmberForCausalLM._from_config(config, attn_implementation="sdpa").train()
     if optimizer is not None and optimizer.optimizer == "muon":
-        groups = muon_parameter_groups(
-            model, {name for name, p in model.named_parameters() if p.ndim == 2}, lr=1e-4, muon_lr=1e-4,
-            weight_decay=0.1, momentum=optimizer.muon_momentum, nesterov=optimizer.muon_nesterov,
-            ns_steps=optimizer.muon_ns_steps, lr_scaling=optimizer.muon_lr_scaling)
-        step = MuonWithAdamW(groups, lr=1e-4)
+        matrices = {name for name, p in model.named_parameters() if p.ndim == 2}
+        step = muon_optimizer(model, optimizer, matrices, lr=1e-4, weight_decay=0.1)
     else:
         step = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
