@@ -43,12 +43,23 @@ from recipes import finetune_lora as finetune_recipe
 from recipes import pretrain as pretrain_recipe
 from reporting.dashboard import start_dashboard
 from reporting.quickstart_report import write_quickstart_report
-from reporting.run_report import REPORT_DIR, SETTINGS_FILE
-from reporting.stages import STAGE_TITLES, Stages, estimate_seconds, print_plan, print_summary
+from reporting.run_report import ETA_FILE, REPORT_DIR, SETTINGS_FILE
+from reporting.stages import (
+    STAGE_TITLES,
+    Stages,
+    corrected_seconds,
+    estimate_seconds,
+    print_corrected_plan,
+    print_plan,
+    print_summary,
+)
 from training.plan import plan_run, probe_step_seconds
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
+# The report's corrected estimate is pretraining's own at this fraction of its steps (benchmarks/results/eta_check.md:
+# how close each fraction came).
+CORRECTED_AT = 0.25
 
 
 @dataclass
@@ -72,7 +83,8 @@ class QuickstartArguments:
     temperature: float = 0.7
     top_k: int = 40
     eta_reference: dict = field(default_factory=dict, metadata={
-        "help": "a measured run the plan's estimates scale from: {probe_step_seconds, pretrain_steps, seconds}"})
+        "help": "a measured run the plan's estimates scale from: {probe_step_seconds, step_seconds (its pretraining's, "
+                "as training.callbacks.EtaCallback measures them), pretrain_steps, seconds}"})
     dashboard: bool = field(default=False, metadata={
         "help": "watch the training live: TensorBoard on 127.0.0.1 (needs the tracking extra), URL printed at start"})
     dashboard_port: int = 6006
@@ -154,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"report": json.loads((data_dir / "report.json").read_text())}
 
     def pretrain() -> dict:
+        started_at = time.time()
         code = pretrain_recipe.main(config=args.pretrain_config, overrides={
             **args.pretrain_overrides, "data_dir": str(data_dir), "output_dir": str(pretrain_dir),
             "resume_from_checkpoint": "auto"})
@@ -161,10 +174,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(code)
         state = json.loads((pretrain_dir / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
-        settings = pretrain_dir / REPORT_DIR / SETTINGS_FILE
+        settings, eta = pretrain_dir / REPORT_DIR / SETTINGS_FILE, pretrain_dir / REPORT_DIR / ETA_FILE
         return {"metrics": json.loads((pretrain_dir / "all_results.json").read_text()), "steps": state["global_step"],
                 "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
-                "config": json.loads(settings.read_text()) if settings.is_file() else {}}
+                "config": json.loads(settings.read_text()) if settings.is_file() else {},
+                # how long pretraining and the stages after it should take, from its own steps (at CORRECTED_AT)
+                "corrected_estimate": corrected_seconds(args.eta_reference, json.loads(eta.read_text())["estimates"],
+                                                        CORRECTED_AT, started_at)
+                if eta.is_file() and eta.stat().st_mtime >= started_at else {}}
 
     def perplexity() -> dict:
         model, tokenizer = load_checkpoint(pretrain_dir, device="cpu")
@@ -197,13 +214,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         probe, estimate = plan(args, stages, data_dir)
         stages.run("data", data)
         stages.run("pretrain", pretrain)
+        print_corrected_plan(stages.results["pretrain"].get("corrected_estimate") or {})
         stages.run("perplexity", perplexity)
         stages.run("instructions", instructions)
         stages.run("finetune", finetune)
         stages.run("generate", samples)
         report = stages.run("report", lambda: {"path": str(write_quickstart_report(
             out, stages.results, pretrain_dir=pretrain_dir, wall_seconds=time.perf_counter() - started,
-            probe_step_seconds=probe, estimated_seconds=estimate))})
+            probe_step_seconds=probe, estimated_seconds=estimate,
+            corrected_seconds=stages.results["pretrain"].get("corrected_estimate")))})
     except KeyboardInterrupt:  # pretraining and finetuning say where they stopped themselves (a return code)
         where = STAGE_TITLES[stages.current] if stages.current else "the plan"
         print(f"stopped by Ctrl-C in {where}: finished stages are kept; the same command goes on from there",

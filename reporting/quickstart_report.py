@@ -100,9 +100,12 @@ def _hyperparameters(results: dict[str, dict]) -> list[str]:
 
 def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *, pretrain_dir: str | Path,
                             wall_seconds: float, probe_step_seconds: float | None = None,
-                            estimated_seconds: dict[str, float] | None = None) -> Path:
+                            estimated_seconds: dict[str, float] | None = None,
+                            corrected_seconds: dict[str, float] | None = None) -> Path:
     """Write report.md and results.json under `output_dir`; returns the report's path. `estimated_seconds`: the
-    plan's estimate per stage, set against each stage's measured time (how honest the plan was)."""
+    plan's estimate per stage (from the probe before the run), `corrected_seconds`: pretraining's and the later
+    stages' once pretraining has timed its first steps; both set against each stage's measured time (how honest the
+    plan was)."""
     output_dir, pretrain_dir = Path(output_dir), Path(pretrain_dir)
     finetune_dir = Path(results.get("finetune", {}).get("output_dir", output_dir / "finetune"))
     numbers = headline_numbers(results)
@@ -111,18 +114,26 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
              f"Machine: {_machine()}. Stage times below are those of the run that produced each stage "
              f"(a re-run skips finished stages); this invocation took {fmt_duration(wall_seconds)}.", ""]
     estimated = {name: (estimated_seconds or {}).get(name) for name in stage_seconds}
+    corrected = {name: (corrected_seconds or {}).get(name) for name in stage_seconds}
 
     def against_plan(seconds: float | None, estimate: float | None) -> tuple[str, str]:
         if seconds is None or not estimate:
             return "-", "-"
         return fmt_duration(estimate), f"{seconds / estimate:.2f}"
 
-    lines += md_table(("stage", "time", "plan's estimate", "time / estimate"), [
+    lines += md_table(("stage", "time", "plan's estimate", "time / estimate", "corrected by pretraining's steps",
+                       "time / corrected"), [
         (STAGE_TITLES[name], fmt_duration(seconds) if seconds is not None else "-",
-         *against_plan(seconds, estimated[name])) for name, seconds in stage_seconds.items()])
+         *against_plan(seconds, estimated[name]), *against_plan(seconds, corrected[name]))
+        for name, seconds in stage_seconds.items()])
     total = sum(s for s in stage_seconds.values() if s is not None)
     planned = sum(estimated.values()) if all(e is not None for e in estimated.values()) else None
-    lines += [f"| **all stages** | **{fmt_duration(total)}** | {' | '.join(against_plan(total, planned))} |", ""]
+    lines += [f"| **all stages** | **{fmt_duration(total)}** | {' | '.join(against_plan(total, planned))} | | |", ""]
+    if any(corrected.values()):
+        lines += ["The plan's estimate comes from a probe of a few steps before the run; the corrected one, for "
+                  "pretraining and the stages after it, from pretraining's own mean step time once it had run part of "
+                  "its steps (training.callbacks.EtaCallback; `CORRECTED_AT` in recipes/quickstart.py says how much).",
+                  ""]
 
     lines += ["## Data", ""]
     lines += md_table(("", "value"), _rows(numbers, [
@@ -180,6 +191,7 @@ def write_quickstart_report(output_dir: str | Path, results: dict[str, dict], *,
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (output_dir / "results.json").write_text(json.dumps({
         "headline": numbers, "stage_seconds": stage_seconds, "estimated_stage_seconds": estimated,
+        "corrected_stage_seconds": corrected,
         "probe_step_seconds": probe_step_seconds,
         "stages": results}, indent=2) + "\n", encoding="utf-8")
     return report

@@ -50,6 +50,7 @@ def cpu_model_name() -> str:
 
 REPORT_DIR = "run_report"
 SETTINGS_FILE = "settings.json"  # in REPORT_DIR: the settings the report lists, for other reports to read
+ETA_FILE = "eta.json"  # in REPORT_DIR: the run's estimate of its own duration (training.callbacks.EtaCallback)
 DOWNSTREAM_PLOT = "downstream_{metric}.png"
 FIGURE_SIZE_INCHES = (7.0, 4.0)
 FIGURE_DPI = 110  # 770 x 440 pixels: readable, and small enough to keep in a model repository

@@ -69,6 +69,23 @@ def estimate_seconds(reference: dict[str, Any], probe_seconds: float, max_steps:
     return estimate
 
 
+def corrected_seconds(reference: dict[str, Any], estimates: list[dict[str, Any]], fraction: float,
+                      started_at: float) -> dict[str, float]:
+    """Estimated seconds of pretraining and the stages after it once pretraining has timed `fraction` of its steps
+    (the last of `estimates`, from `training.callbacks.EtaCallback`, made at `fraction` or before; `started_at`:
+    the stage's start, `time.time()`): pretraining's from its own steps, the later stages' the reference run's
+    scaled by its step time against the reference run's (`step_seconds`). Empty without such an estimate."""
+    eta = next((e for e in reversed(estimates) if e["fraction"] <= fraction), None)
+    if eta is None:
+        return {}
+    estimate = {"pretrain": eta["at_time"] - started_at + eta["remaining_seconds"]}
+    seconds, reference_step = reference.get("seconds") or {}, reference.get("step_seconds")
+    if seconds and reference_step:
+        later = list(STAGE_TITLES)[list(STAGE_TITLES).index("pretrain") + 1:]
+        estimate |= {name: seconds[name] * eta["step_seconds"] / reference_step for name in later if name in seconds}
+    return estimate
+
+
 def print_plan(stages: Stages, estimate: dict[str, float], probe_seconds: float, details: dict[str, str]) -> None:
     """The stages this run will do, each with what it does and its estimated time."""
     print(f"Plan (one pretraining step takes {probe_seconds:.2f} s on this machine):", flush=True)
@@ -84,6 +101,14 @@ def print_plan(stages: Stages, estimate: dict[str, float], probe_seconds: float,
         print(f"  {title:<20} {when:<22} {details.get(name, '')}", flush=True)
     if total:
         print(f"  {'total':<20} ~{fmt_duration(total)}", flush=True)
+
+
+def print_corrected_plan(estimate: dict[str, float]) -> None:
+    """The stages after pretraining, re-estimated from pretraining's own step time (`corrected_seconds`)."""
+    later = {name: seconds for name, seconds in estimate.items() if name != "pretrain"}
+    if later:
+        print(f"Plan, corrected by pretraining's own steps: the stages left take ~{fmt_duration(sum(later.values()))} "
+              f"({', '.join(f'{STAGE_TITLES[name]} ~{fmt_duration(s)}' for name, s in later.items())})", flush=True)
 
 
 def stage_numbers(name: str, result: dict) -> str:

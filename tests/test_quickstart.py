@@ -18,7 +18,7 @@ SMALL = [
     "--data_overrides.num_shards=1", "--data_overrides.sources.0.max_docs=60",
     "--data_overrides.tokenizer.vocab_size=512", "--data_overrides.pack.seq_len=64",
     "--data_overrides.validation_fraction=0.1",
-    "--pretrain_overrides={max_steps: 12, warmup_steps: 2, save_steps: 6, logging_steps: 2, eval_strategy: 'no', "
+    "--pretrain_overrides={max_steps: 16, warmup_steps: 2, save_steps: 8, logging_steps: 2, eval_strategy: 'no', "
     "model_overrides: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, "
     "num_key_value_heads: 2, max_position_embeddings: 256}}",
     "--eval_window=64", "--eval_stride=32", "--eval_max_documents=2",
@@ -51,7 +51,7 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     headline = results["headline"]
-    assert headline["pretrain_steps"] == 12
+    assert headline["pretrain_steps"] == 16
     assert headline["held_out_bpb_pretrained"] < headline["held_out_bpb_untrained"]  # it learned something
     assert headline["held_out_tokens_scored"] > 0 and headline["instruction_examples_train"] > 0
     assert headline["lora_trainable_parameters"] > 0
@@ -82,8 +82,15 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     # The plan's estimate beside each stage's time: how honest the plan was, in every run's report.
     estimated, measured = results["estimated_stage_seconds"], results["stage_seconds"]
     assert set(estimated) == set(measured) and estimated["pretrain"] > 0
-    assert "| stage | time | plan's estimate | time / estimate |" in report
+    assert ("| stage | time | plan's estimate | time / estimate | corrected by pretraining's steps "
+            "| time / corrected |") in report
     assert f"| {measured['pretrain'] / estimated['pretrain']:.2f} |" in report
+    # and corrected once pretraining has timed its first tenth (steps 3-12 of 16): pretraining and what follows
+    corrected = results["corrected_stage_seconds"]
+    assert corrected["data"] is None and corrected["pretrain"] > 0 and corrected["finetune"] > 0
+    assert f"| {measured['pretrain'] / corrected['pretrain']:.2f} |" in report
+    assert "[eta] " in first.stdout
+    assert "Plan, corrected by pretraining's own steps: the stages left take" in first.stdout
     finetune = json.loads((out / "finetune" / "finetune_metrics.json").read_text())
     assert headline["lora_examples_trained"] == finetune["data"]["train"]["examples"]  # what trained
     assert f"| examples trained on (pairs with a response token left within max_length) | " \
@@ -100,7 +107,7 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
                                     "LoRA finetuning", "generation", "report"], start=1):
         assert f"=== [{number}/7] {title} ===" in lines
     assert "[data_prep] filter 1/1 shards" in first.stdout and "[data_prep] tokenizer done" in first.stdout
-    assert any(line.startswith("step 2/12 | loss ") for line in lines)  # pretraining logs, as numbers
+    assert any(line.startswith("step 2/16 | loss ") for line in lines)  # pretraining logs, as numbers
     assert any(line.startswith("step 1/3 | loss ") for line in lines)  # LoRA logs
     bpb = f"{headline['held_out_bpb_untrained']:.3f} (untrained) -> {headline['held_out_bpb_pretrained']:.3f}"
     assert sum(bpb in line for line in lines) == 2  # after the stage and in the closing summary
@@ -120,7 +127,7 @@ def test_quickstart_chains_every_stage_and_reruns_nothing(tmp_path):
     rows = {row["name"]: row for row in json.loads((tmp_path / "vs_run_clm.json").read_text())["rows"]}
     ember, run_clm, recipe = rows["ember (quickstart)"], rows["llama + run_clm defaults"], rows["llama + ember recipe"]
     assert ember["bits_per_byte"] == headline["held_out_bpb_pretrained"]
-    assert recipe["steps"] == 12 and run_clm["steps"] == 6  # the same tokens: batch 8 instead of 4
+    assert recipe["steps"] == 16 and run_clm["steps"] == 8  # the same tokens: batch 8 instead of 4
     assert abs(recipe["bits_per_byte"] / ember["bits_per_byte"] - 1) < 1e-4
     assert run_clm["bits_per_byte"] != ember["bits_per_byte"] and run_clm["bpb_vs_run_clm"] == 1.0
     assert json.loads((out / "results.json").read_text())["headline"] == headline

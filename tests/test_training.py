@@ -20,6 +20,7 @@ from data_prep.packing import pack_documents
 from data_prep.token_dataset import PackedDataset
 from data_prep.tokenizer import train_tokenizer
 from training.callbacks import (
+    EtaCallback,
     NonFiniteGuardCallback,
     ThroughputCallback,
     device_peak_flops,
@@ -221,6 +222,45 @@ def test_throughput_callback_reports_tokens_flops_mfu_and_memory(tmp_path):
     callback.on_step_end(args, state, control)
     assert callback.training_log_metrics()["tokens_per_s"] == pytest.approx(25.0)  # one 4 s step, not the eval
     assert callback.training_log_metrics() == {}  # no new steps since the last log
+
+
+def test_eta_callback_estimates_the_rest_at_a_tenth_a_quarter_and_half(tmp_path, capsys):
+    path = tmp_path / "run_report" / "eta.json"
+    callback = EtaCallback(warmup_steps=2, min_steps=4, path=path)
+    clock = callback.clock = ScriptedClock()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    state, control = TrainerState(max_steps=102), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step in range(1, 103):  # steps 1-2 warm up slowly; then 0.5 s a step, 1 s from step 13 on
+        clock.now += 5.0 if step <= 2 else 0.5 if step <= 12 else 1.0
+        if step == 7:  # a 20 s evaluation before step 7's end: not a step's time
+            clock.now += 20.0
+            callback.on_evaluate(args, state, control)
+            clock.now += 0.5
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if step < 12:  # the first window: 10 % of the 100 steps after the warm-up, steps 3-12
+            assert callback.estimates == [] and not path.exists()
+        if step == 12:  # 10 timed steps of 0.5 s each (the warm-up and the evaluation left out): 90 steps, 45 s
+            (first,) = callback.estimates
+            assert first["step_seconds"] == pytest.approx(0.5) and first["window"] == [3, 12]
+            assert first["remaining_steps"] == 90 and first["remaining_seconds"] == pytest.approx(45.0)
+            assert json.loads(path.read_text())["estimates"][0]["remaining_seconds"] == pytest.approx(45.0)
+            assert "the 90 steps left take ~45s" in capsys.readouterr().out
+
+    # a quarter (steps 3-27: 10 x 0.5 s + 15 x 1 s = 0.8 s a step, 75 steps left) and half (3-52: 0.9 s, 50 left)
+    assert [e["fraction"] for e in callback.estimates] == [0.1, 0.25, 0.5]
+    assert [e["at_step"] for e in callback.estimates] == [12, 27, 52]
+    assert [e["remaining_seconds"] for e in callback.estimates] == pytest.approx([45.0, 60.0, 45.0])
+    assert len(json.loads(path.read_text())["estimates"]) == 3
+
+    short = EtaCallback(path=tmp_path / "short.json")  # no steps left after any window: no estimate
+    state = TrainerState(max_steps=8)
+    short.on_train_begin(args, state, control)
+    for step in range(1, 9):
+        state.global_step = step
+        short.on_step_end(args, state, control)
+    assert short.estimates == [] and not (tmp_path / "short.json").exists()
 
 
 def test_device_peak_flops(monkeypatch):

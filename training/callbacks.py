@@ -4,17 +4,20 @@
   on a terminal and on its own when the output goes to a file; replaces the Trainer's progress printer.
 - `ThroughputCallback` (+ `device_peak_flops`): tokens/s, TFLOP/s per device, MFU and peak memory.
 - `NonFiniteGuardCallback`: skips optimizer steps whose gradients hold NaN/inf and stops after a run of them.
+- `EtaCallback`: at a tenth, a quarter and half of the run, how long the rest takes, from the steps timed so far.
 
 `PretrainingTrainer` adds each callback's `training_log_metrics()` to its training logs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from modeling.sizing import peak_flops_for_device
+from modeling.sizing import format_duration, peak_flops_for_device
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -111,7 +114,25 @@ def _synchronize_cuda() -> None:
         torch.cuda.synchronize()
 
 
-class ThroughputCallback(TrainerCallback):
+class _StepTimer(TrainerCallback):
+    """Keeps the end time of the last optimizer step (`_last_step_end`, by `clock`); an evaluation or checkpoint
+    save moves it to its own end, so the next step is timed without them."""
+
+    _last_step_end: float | None = None
+
+    def _restart_clock(self) -> None:
+        if self._last_step_end is not None:
+            _synchronize_cuda()
+            self._last_step_end = self.clock()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self._restart_clock()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._restart_clock()
+
+
+class ThroughputCallback(_StepTimer):
     """Measures `tokens_per_s`, `tflops_per_device`, `mfu` and `peak_memory_gb` for each training log.
 
     `PretrainingTrainer` adds them to its training logs (`training_log_metrics`).
@@ -167,18 +188,6 @@ class ThroughputCallback(TrainerCallback):
             self._window_tokens += self.tokens_per_step(state.global_step)
         self._last_step_end = now
 
-    def _restart_clock(self) -> None:
-        # The next step is timed from here, so the evaluation or save that just finished is not counted.
-        if self._last_step_end is not None:
-            _synchronize_cuda()
-            self._last_step_end = self.clock()
-
-    def on_evaluate(self, args, state, control, **kwargs):
-        self._restart_clock()
-
-    def on_save(self, args, state, control, **kwargs):
-        self._restart_clock()
-
     def training_log_metrics(self) -> dict[str, float]:
         """Metrics over the steps since the last call (empty if none were timed); starts a new window."""
         if self._window_steps == 0 or self._window_seconds <= 0:
@@ -194,6 +203,63 @@ class ThroughputCallback(TrainerCallback):
         self._window_seconds, self._window_steps, self._window_tokens = 0.0, 0, 0
         return metrics
 
+
+
+class EtaCallback(_StepTimer):
+    """Prints how long the rest of the run takes once `fractions` of its steps are done (a tenth, a quarter, a
+    half), each time from the mean seconds per step so far, and keeps those estimates.
+
+    The mean leaves out the first `warmup_steps` (allocator warm-up, a resumed run's data skipping) and the time
+    of evaluations and checkpoint saves; the estimate is that mean times the steps left. A probe of a few steps
+    before a run cannot promise this: on a shared machine the speed of a few seconds moves by +-15%, and the
+    longer the window the closer the estimate (benchmarks/results/eta_check.md measures it). `estimates` holds
+    them in order; the main process also writes them to `path` when given, for a report to set against the run's
+    real duration. A fraction whose window would end at or after the last step gives none.
+    """
+
+    def __init__(self, fractions: tuple[float, ...] = (0.1, 0.25, 0.5), warmup_steps: int = 2, min_steps: int = 10,
+                 path: Path | None = None):
+        if not fractions or not all(0.0 < f < 1.0 for f in fractions) or warmup_steps < 0 or min_steps < 1:
+            raise ValueError("EtaCallback: fractions must be in (0, 1), warmup_steps >= 0, min_steps >= 1")
+        self.fractions, self.warmup_steps, self.min_steps, self.path = fractions, warmup_steps, min_steps, path
+        self.clock = time.perf_counter  # replaceable, e.g. by a scripted clock
+        self.estimates: list[dict[str, Any]] = []
+        self._begin = self._first_step = None
+        self._marks: dict[int, float] = {}  # step -> the fraction whose window ends there
+        self._seconds = 0.0
+        self._steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._begin, self._last_step_end, self._seconds, self._steps, self.estimates = self.clock(), None, 0.0, 0, []
+        self._first_step = state.global_step + self.warmup_steps  # the last step left out of the timing
+        left = state.max_steps - self._first_step
+        self._marks = {}
+        for fraction in sorted(self.fractions, reverse=True):  # where two windows end together, the smaller names it
+            self._marks[self._first_step + max(self.min_steps, round(fraction * left))] = fraction
+
+    def on_step_end(self, args, state, control, **kwargs):
+        _synchronize_cuda()
+        now = self.clock()
+        if self._last_step_end is not None and state.global_step > self._first_step:
+            self._seconds += now - self._last_step_end
+            self._steps += 1
+        self._last_step_end = now
+        if state.global_step in self._marks and state.global_step < state.max_steps and self._steps:
+            step_seconds = self._seconds / self._steps
+            left = state.max_steps - state.global_step
+            self.estimates.append({
+                "fraction": self._marks[state.global_step], "step_seconds": step_seconds,
+                "window": [self._first_step + 1, state.global_step], "at_step": state.global_step,
+                "elapsed_seconds": now - self._begin, "at_time": time.time(), "remaining_steps": left,
+                "remaining_seconds": left * step_seconds})
+            if state.is_world_process_zero:
+                print(f"[eta] {step_seconds:.3f} s per step over steps {self._first_step + 1}-{state.global_step}: "
+                      f"the {left:,} steps left take ~{format_duration(left * step_seconds)}", flush=True)
+                if self.path is not None:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    partial = self.path.with_name(self.path.name + ".partial")
+                    partial.write_text(json.dumps({"estimates": self.estimates}, indent=2) + "\n")
+                    partial.replace(self.path)
 
 
 def _any_non_finite(grads: list[torch.Tensor], device: torch.device | str) -> bool:

@@ -23,7 +23,7 @@ from evaluation.perplexity import perplexity
 from modeling import EmberConfig, EmberForCausalLM, EmberForMaskedLM, sizing
 from modeling.loading import load_model
 from reporting.model_card import write_model_card
-from reporting.run_report import REPORT_DIR, SETTINGS_FILE, write_run_report
+from reporting.run_report import ETA_FILE, REPORT_DIR, SETTINGS_FILE, write_run_report
 from training.arguments import (
     DataArguments,
     ModelArguments,
@@ -31,7 +31,7 @@ from training.arguments import (
     PretrainingArguments,
     training_setting,
 )
-from training.callbacks import NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
+from training.callbacks import EtaCallback, NonFiniteGuardCallback, ThroughputCallback, device_peak_flops
 from training.downstream import DownstreamEvalCallback
 from training.ema import EMACallback
 from training.hub import push
@@ -265,7 +265,8 @@ class PretrainingTrainers:
             ema=EMACallback(run_args.ema_decay) if run_args.ema_decay else None, downstream=self.downstream,
             callbacks=[ThroughputCallback(self.flops_per_token, self.plan.step_tokens, self.peak_flops,
                                           args.world_size),
-                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite), self.interrupt])
+                       NonFiniteGuardCallback(run_args.max_consecutive_nonfinite), self.interrupt,
+                       EtaCallback(path=Path(args.output_dir) / REPORT_DIR / ETA_FILE)])
 
 
 def finish_pretraining(trainer: PretrainingTrainer, result, settings: PretrainingSettings, plan: RunPlan) -> int:
