@@ -1,5 +1,6 @@
 """Masked-LM pretraining of the nano encoder on the stdlib corpus, then finetuning it as a classifier, on CPU.
 
+    python benchmarks/bench_objectives.py --screen      # first: the masking-rate / optimizer screen (short runs)
     python benchmarks/bench_objectives.py [--output benchmarks/results/objectives_cpu.json] [--force]
 
 Stages, each run with the repository's own commands (skipped when its output exists, unless --force):
@@ -13,10 +14,14 @@ Stages, each run with the repository's own commands (skipped when its output exi
 4. tasks: `python -m data_prep.tasks` (outputs/tasks/stdlib).
 5. finetuning: recipes/finetune_classifier.py with classify_package_nano_cpu.yaml (full) and
    tag_calls_nano_cpu.yaml (LoRA), from the pretrained encoder and, as the "no pretraining" row, from a
-   random trunk of the same shape (`--from_scratch=true`), against the majority baseline.
+   random trunk of the same shape (`--from_scratch=true`), each at every learning rate of SWEEP: the two
+   trunks are compared each at its best, next to the majority baseline.
+6. length of run: `package` finetuned (at the pretrained trunk's best rate) from the run's earlier checkpoints.
 
-Prints the numbers and writes the JSON (machine, commands, seconds, numbers, the tail of each command's
-output) and a Markdown summary next to it.
+`--screen` runs short pretraining runs (SCREEN_ARMS: the recipe at other masking rates, and with AdamW) and
+scores each by its held-out masked-token loss at common masking rates and by `package` finetuned from it; the
+full run keeps that table. Prints the numbers and writes the JSON (machine, commands, seconds, numbers, the
+tail of each command's output) and a Markdown summary next to it.
 
     python benchmarks/bench_objectives.py --diagnose
 
@@ -70,6 +75,19 @@ FINETUNES = {
     "package": "recipes/configs/classify_package_nano_cpu.yaml",
     "calls": "recipes/configs/tag_calls_nano_cpu.yaml",
 }
+KINDS = ("scratch", "pretrained")
+# Each task's metric the trunks are compared on, and the finetuning learning rates swept for each trunk: a
+# random trunk and a pretrained one need different rates, so each is compared at its best.
+PRIMARY = {"package": "accuracy", "calls": "entity_f1"}
+SWEEP = {"package": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "calls": (5e-4, 1e-3, 2e-3, 4e-3)}
+# The masking-rate screen (--screen): short runs of the recipe with one setting changed each.
+SCREEN_STEPS, SCREEN_RATE, SCREEN_BLOCKS = 300, 2e-3, 256
+SCREEN_ARMS = {
+    "muon_mask0.3": ["--mask_rate=0.3"],
+    "muon_mask0.15": ["--mask_rate=0.15"],
+    "muon_mask0.45": ["--mask_rate=0.45"],
+    "adamw_mask0.3": ["--mask_rate=0.3", "--optimizer=adamw", "--learning_rate=2e-3"],
+}
 
 
 def run(name: str, command: list[str], done: Path, force: bool, log: dict) -> None:
@@ -106,15 +124,67 @@ def held_out() -> dict:
     return numbers
 
 
-def finetune(task: str, from_scratch: bool, force: bool, log: dict, learning_rate: float | None = None) -> dict:
-    name = f"{task}_{'scratch' if from_scratch else 'pretrained'}" + (f"_lr{learning_rate:g}" if learning_rate else "")
+def finetune(task: str, kind: str, learning_rate: float, force: bool, log: dict, trunk: Path = ENCODER,
+             tag: str = "") -> dict:
+    """Finetune `task` from `trunk` (kind "pretrained") or from a random trunk of its shape (kind "scratch") at
+    `learning_rate`, with the task's recipe otherwise unchanged; its classifier_results.json."""
+    name = f"{task}_{kind}{tag}_lr{learning_rate:g}"
     output = FINETUNE / f"bench_{name}"
     command = [PY, "recipes/finetune_classifier.py", "--config", FINETUNES[task], f"--output_dir={output}",
-               f"--from_scratch={str(from_scratch).lower()}"]
-    if learning_rate:
-        command.append(f"--learning_rate={learning_rate:g}")
+               f"--model_name_or_path={trunk}", f"--from_scratch={str(kind == 'scratch').lower()}",
+               f"--learning_rate={learning_rate:g}"]
     run(f"finetune_{name}", command, output / "classifier_results.json", force, log)
     return json.loads((output / "classifier_results.json").read_text())
+
+
+def sweep(force: bool, log: dict) -> dict:
+    """Every task, both trunks, at each learning rate of SWEEP: {task: {kind: {rate: validation metrics}}}."""
+    return {task: {kind: {f"{rate:g}": finetune(task, kind, rate, force, log)["validation"] for rate in rates}
+                   for kind in KINDS}
+            for task, rates in SWEEP.items()}
+
+
+def best_rate(scores: dict, task: str) -> str:
+    """The learning rate of a trunk's sweep with the best primary metric."""
+    return max(scores, key=lambda rate: scores[rate][PRIMARY[task]])
+
+
+def run_length(report: dict, force: bool) -> dict:
+    """`package` finetuned, at the pretrained trunk's best rate, from the run's earlier checkpoints: what the
+    pretraining's length buys."""
+    rate = best_rate(report["lr_sweep"]["package"]["pretrained"], "package")
+    final = json.loads((ENCODER / "trainer_state.json").read_text())["global_step"]
+    numbers = {str(final): report["lr_sweep"]["package"]["pretrained"][rate]}  # the final model: in the sweep
+    for checkpoint in ENCODER.glob("checkpoint-*"):
+        steps = int(checkpoint.name.split("-")[1])
+        if steps != final:
+            numbers[str(steps)] = finetune("package", "pretrained", float(rate), force, report["stages"],
+                                           trunk=checkpoint, tag=f"_at{steps}")["validation"]
+    numbers = dict(sorted(numbers.items(), key=lambda item: int(item[0])))
+    return {"learning_rate": float(rate), "accuracy_by_steps": {steps: v["accuracy"] for steps, v in numbers.items()},
+            "validation": numbers}
+
+
+def mask_screen(force: bool, log: dict) -> dict:
+    """Short runs of the recipe (SCREEN_STEPS) at other masking rates, and with AdamW: their masked-token loss at
+    common evaluation rates, and `package` finetuned from each at SCREEN_RATE."""
+    tokenizer = load_tokenizer(DATA / "tokenizer")
+    validation = PackedDataset(DATA / "tokens" / "validation", return_position_ids=True)
+    arms = {}
+    for name, overrides in SCREEN_ARMS.items():
+        output = OUTPUTS / "pretrain" / "encoder_screen" / name
+        command = [PY, "recipes/pretrain.py", "--config", "recipes/configs/pretrain_encoder_nano_cpu.yaml",
+                   f"--output_dir={output}", f"--max_steps={SCREEN_STEPS}", f"--warmup_steps={SCREEN_STEPS // 20}",
+                   "--eval_strategy=no", f"--save_steps={SCREEN_STEPS}", "--save_total_limit=1", *overrides]
+        run(f"screen_{name}", command, output / "model.safetensors", force, log)
+        model = EmberForMaskedLM.from_pretrained(output)
+        masked = {f"{rate:g}": objective_metrics(model, validation, MaskedLMCollator(tokenizer, mask_rate=rate),
+                                                 batch_size=16, max_blocks=SCREEN_BLOCKS)
+                  for rate in (0.15, 0.3)}
+        package = finetune("package", "pretrained", SCREEN_RATE, force, log, trunk=output, tag=f"_{name}")
+        arms[name] = {"overrides": overrides, "masked": masked, "package": package["validation"]}
+        print(f"[bench] screen {name}: {json.dumps(arms[name])}", flush=True)
+    return {"steps": SCREEN_STEPS, "package_learning_rate": SCREEN_RATE, "blocks": SCREEN_BLOCKS, "arms": arms}
 
 
 def effective_rank(states: torch.Tensor) -> float:
@@ -187,53 +257,81 @@ def markdown(report: dict) -> str:
         f"{u['pseudo']['pseudo_perplexity']:.1f} |",
         f"| after pretraining | {t['masked']['loss']:.3f} | {t['masked']['accuracy']:.3f} | "
         f"{t['pseudo']['pseudo_perplexity']:.1f} |", "",
-        "## Finetuning (recipes/finetune_classifier.py)", "",
-        "| task | metric | majority baseline | random trunk | pretrained encoder | margin over baseline |",
+        "## Finetuning (recipes/finetune_classifier.py), each trunk at its best learning rate", "",
+        "Each task's recipe with only `learning_rate` changed, over "
+        + "; ".join(f"{task} " + ", ".join(f"{rate:g}" for rate in rates) for task, rates in SWEEP.items())
+        + " for both trunks (the full sweep is below); the random trunk has the pretrained encoder's shape "
+        "(`--from_scratch=true`). Scores on the validation split.", "",
+        "| task | metric | majority baseline | random trunk (best lr) | pretrained encoder (best lr) "
+        "| pretrained - random |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for task, key in (("package", "accuracy"), ("calls", "entity_f1")):
-        scratch, pretrained = report["finetune"][f"{task}_scratch"], report["finetune"][f"{task}_pretrained"]
-        rows.append(f"| {task} | {key} | {pretrained['majority_baseline'][key]:.3f} | "
-                    f"{scratch['validation'][key]:.3f} | {pretrained['validation'][key]:.3f} | "
-                    f"{pretrained['margin_over_baseline']:+.3f} |")
-        if task == "package":
-            rows.append(f"| package | macro_f1 | {pretrained['majority_baseline']['macro_f1']:.3f} | "
-                        f"{scratch['validation']['macro_f1']:.3f} | {pretrained['validation']['macro_f1']:.3f} | "
-                        f"{pretrained['validation']['macro_f1'] - pretrained['majority_baseline']['macro_f1']:+.3f} |")
-    rows += ["", "Stage wall times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in report["stages"].items()
-                                                      if "seconds" in v), ""]
-    if "package_lr_sweep" in report:
-        rows += sweep_markdown(report)
+    for task in SWEEP:
+        key = PRIMARY[task]
+        (s_rate, scratch), (p_rate, pretrained) = best(report, task, "scratch"), best(report, task, "pretrained")
+        keys = (key, "macro_f1") if task == "package" else (key,)
+        for metric in keys:
+            rows.append(f"| {task} | {metric} | {report['majority_baseline'][task][metric]:.3f} | "
+                        f"{scratch[metric]:.3f} ({s_rate}) | {pretrained[metric]:.3f} ({p_rate}) | "
+                        f"{pretrained[metric] - scratch[metric]:+.3f} |")
+    rows += ["", "Pretraining pays off on both tasks." if pretraining_wins(report) else
+             "Pretraining does not pay off on both tasks.", ""]
+    rows += sweep_markdown(report)
+    if "run_length" in report:
+        length = report["run_length"]
+        rows += ["## Length of the pretraining run", "",
+                 f"`package` accuracy finetuned (lr {length['learning_rate']:g}) from the run's checkpoints: "
+                 + ", ".join(f"{int(steps):,} steps {accuracy:.3f}"
+                             for steps, accuracy in length["accuracy_by_steps"].items())
+                 + f"; random trunk at its best {best(report, 'package', 'scratch')[1]['accuracy']:.3f}.", ""]
+    if "mask_screen" in report:
+        rows += screen_markdown(report)
+    rows += ["Stage wall times (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in report["stages"].items()
+                                                  if "seconds" in v), ""]
     if "diagnosis" in report:
         rows += diagnosis_markdown(report)
     return "\n".join(rows)
 
 
+def best(report: dict, task: str, kind: str) -> tuple[str, dict]:
+    """(learning rate, validation metrics) of a trunk's best finetuning run on a task."""
+    scores = report["lr_sweep"][task][kind]
+    rate = best_rate(scores, task)
+    return rate, scores[rate]
+
+
 def sweep_markdown(report: dict) -> list[str]:
-    sweep = report["package_lr_sweep"]
-    rates = sorted(float(rate) for rate in sweep["scratch"])
-    cell = {kind: {float(rate): scores for rate, scores in sweep[kind].items()} for kind in sweep}
+    rows = ["## The learning-rate sweep", "",
+            "Validation " + ", ".join(f"{task}: {PRIMARY[task]}" for task in SWEEP) + ".", ""]
+    for task, rates in SWEEP.items():
+        rows += [f"| {task} | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |",
+                 "| --- |" + " --- |" * len(rates),
+                 *(f"| {label} | " + " | ".join(f"{report['lr_sweep'][task][kind][f'{rate:g}'][PRIMARY[task]]:.3f}"
+                                                for rate in rates) + " |"
+                   for kind, label in (("scratch", "random trunk"), ("pretrained", "pretrained encoder"))), ""]
+    return rows
+
+
+def screen_markdown(report: dict) -> list[str]:
+    screen = report["mask_screen"]
     return [
-        "## `package` at other finetuning learning rates", "",
-        f"Command: `{report['package_lr_sweep_command']}`. The same recipe (`classify_package_nano_cpu.yaml`, "
-        "full finetuning) with only `learning_rate` changed; accuracy / macro-F1 on the validation split.", "",
-        "| trunk | " + " | ".join(f"lr {rate:g}" for rate in rates) + " |",
-        "| --- |" + " --- |" * len(rates),
-        *(f"| {label} | " + " | ".join(f"{cell[kind][rate]['accuracy']:.3f} / {cell[kind][rate]['macro_f1']:.3f}"
-                                       for rate in rates) + " |"
-          for kind, label in (("scratch", "random trunk"), ("pretrained", "pretrained encoder"))), "",
+        "## Masking rate and optimizer: short runs", "",
+        f"The recipe for {screen['steps']} steps with one setting changed; held-out masked-token loss on "
+        f"{screen['blocks']} validation blocks masked at 15% and at 30% (fixed masks), and `package` accuracy "
+        f"finetuned from each at lr {screen['package_learning_rate']:g}.", "",
+        "| run | settings | loss, 15% masked | loss, 30% masked | package accuracy |",
+        "| --- | --- | --- | --- | --- |",
+        *(f"| {name} | {' '.join(arm['overrides'])} | {arm['masked']['0.15']['loss']:.3f} | "
+          f"{arm['masked']['0.3']['loss']:.3f} | {arm['package']['accuracy']:.3f} |"
+          for name, arm in screen["arms"].items()), "",
     ]
 
 
-# Each task's validation metrics the two trunks are compared on.
-TASK_METRICS = (("calls", "entity_f1"), ("package", "accuracy"), ("package", "macro_f1"))
-
-
 def pretraining_wins(report: dict) -> bool:
-    """Whether the pretrained encoder finetunes better than the random trunk on every task metric."""
-    finetune = report["finetune"]
-    return all(finetune[f"{task}_pretrained"]["validation"][key] > finetune[f"{task}_scratch"]["validation"][key]
-               for task, key in TASK_METRICS)
+    """Whether the pretrained encoder, at its best learning rate, finetunes better than the random trunk at its
+    best on every task's primary metric."""
+    return all(best(report, task, "pretrained")[1][PRIMARY[task]] > best(report, task, "scratch")[1][PRIMARY[task]]
+               for task in SWEEP)
 
 
 def diagnosis_markdown(report: dict) -> list[str]:
@@ -256,24 +354,10 @@ def diagnosis_markdown(report: dict) -> list[str]:
         "the default for encoders: a masked-LM encoder never predicts at EOS, so nothing in its pretraining "
         "makes that token a summary of the text).", "",
     ]
-    finetune = report["finetune"]
-    compared = [f"{task} {key} {finetune[f'{task}_pretrained']['validation'][key]:.3f} against "
-                f"{finetune[f'{task}_scratch']['validation'][key]:.3f}"
-                for task, key in TASK_METRICS]
-    rows.append("Finetuned with the same recipe and steps, the pretrained encoder against a random trunk of the same "
+    compared = [f"{task} {PRIMARY[task]} {best(report, task, 'pretrained')[1][PRIMARY[task]]:.3f} against "
+                f"{best(report, task, 'scratch')[1][PRIMARY[task]]:.3f}" for task in SWEEP]
+    rows.append("Each at its best finetuning learning rate, the pretrained encoder against a random trunk of the same "
                 f"shape: {'; '.join(compared)}.")
-    if "package_lr_sweep" in report:
-        best = {kind: max(scores.values(), key=lambda s: s["accuracy"])
-                for kind, scores in report["package_lr_sweep"].items()}
-        rows.append(f"At the best learning rate of the sweep above, `package` accuracy is "
-                    f"{best['pretrained']['accuracy']:.3f} pretrained against "
-                    f"{best['scratch']['accuracy']:.3f} random.")
-    if pretraining_wins(report):
-        rows.append("Pretraining pays off on every task metric.")
-    else:
-        rows.append("Pretraining does not pay off on every task: where it loses, the finetuning has to reopen the "
-                    "directions the pretraining concentrated the states on (the ranks above), while a random trunk "
-                    "starts from well-spread features.")
     return rows + [""]
 
 
@@ -291,24 +375,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO_ROOT / "benchmarks" / "results" / "objectives_cpu.json"))
     parser.add_argument("--force", action="store_true", help="rerun stages whose outputs exist")
     parser.add_argument("--diagnose", action="store_true", help="add the diagnosis to an existing --output JSON")
-    parser.add_argument("--package_lrs", default="", help="add, to an existing --output JSON, the `package` "
-                        "finetuning of both trunks at these comma-separated learning rates")
+    parser.add_argument("--screen", action="store_true", help="run the masking-rate / optimizer screen (short "
+                        "runs) into --output; the full run keeps it")
     args = parser.parse_args(argv)
-    if args.package_lrs:
-        output = Path(args.output)
-        report = json.loads(output.read_text())
-        sweep: dict = {"scratch": {}, "pretrained": {}}
-        for rate in [float(r) for r in args.package_lrs.split(",")]:
-            for kind in sweep:
-                result = finetune("package", kind == "scratch", args.force, report["stages"], learning_rate=rate)
-                sweep[kind][f"{rate:g}"] = {key: result["validation"][key] for key in ("accuracy", "macro_f1")}
-        report["package_lr_sweep"] = sweep
-        report["package_lr_sweep_command"] = " ".join(
-            ["python", "benchmarks/bench_objectives.py", *(sys.argv[1:] if argv is None else argv)])
-        return save(report, output)
+    output = Path(args.output)
+    earlier = json.loads(output.read_text()) if output.is_file() else {}
+    if args.screen:
+        earlier["mask_screen"] = mask_screen(args.force, earlier.setdefault("stages", {}))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(earlier, indent=2) + "\n")
+        print("\n".join(screen_markdown(earlier)))
+        return 0
     if args.diagnose:
-        output = Path(args.output)
-        report = json.loads(output.read_text())
+        report = earlier
         report["diagnosis"] = diagnose()
         report["diagnosis"]["load_average"] = os.getloadavg()
         return save(report, output)
@@ -322,20 +401,24 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(held, indent=2))
     command, done = STAGES["tasks"]
     run("tasks", command, done, args.force, stages)
-    results = {f"{task}_{kind}": finetune(task, kind == "scratch", args.force, stages)
-               for task in FINETUNES for kind in ("scratch", "pretrained")}
     report = {
         "command": " ".join(["python", "benchmarks/bench_objectives.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {"platform": platform.platform(), "cpu": cpu_model_name(), "cores": available_cores(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
-                    "load_average_start": load_at_start, "load_average_end": os.getloadavg()},
-        "stages": stages, "held_out": held,
-        "finetune": {name: {key: result[key] for key in ("validation", "majority_baseline", "margin_over_baseline",
-                                                         "train_examples", "validation_examples", "labels")}
-                     for name, result in results.items()},
+        "stages": stages, "held_out": held, "lr_sweep": sweep(args.force, stages),
+        "majority_baseline": {task: json.loads((FINETUNE / f"bench_{task}_scratch_lr{SWEEP[task][0]:g}"
+                                                / "classifier_results.json").read_text())["majority_baseline"]
+                              for task in SWEEP},
         "tasks": json.loads((TASKS / "report.json").read_text()),
     }
-    return save(report, Path(args.output))
+    report["run_length"] = run_length(report, args.force)
+    if "mask_screen" in earlier:  # from an earlier --screen
+        report["mask_screen"] = earlier["mask_screen"]
+    for name, value in earlier.get("stages", {}).items():  # a stage skipped now keeps the time it took then
+        if "seconds" in value and stages.get(name, {"skipped": True}).get("skipped"):
+            stages[name] = value
+    report["machine"] = {"platform": platform.platform(), "cpu": cpu_model_name(), "cores": available_cores(),
+                         "torch": torch.__version__, "transformers": transformers.__version__,
+                         "load_average_start": load_at_start, "load_average_end": os.getloadavg()}
+    return save(report, output)
 
 
 if __name__ == "__main__":
