@@ -55,6 +55,7 @@ from data_prep.tokenizer import load_tokenizer  # noqa: E402
 from evaluation.objectives import objective_metrics, pseudo_perplexity  # noqa: E402
 from modeling import EmberForMaskedLM  # noqa: E402
 from modeling.loading import checkpoint_tokenizer, load_model  # noqa: E402
+from training.checkpoints import saved_step  # noqa: E402
 from training.objectives import MaskedLMCollator  # noqa: E402
 from training.plan import RunPlan  # noqa: E402
 
@@ -153,10 +154,10 @@ def run_length(report: dict, force: bool) -> dict:
     """`package` finetuned, at the pretrained trunk's best rate, from the run's earlier checkpoints: what the
     pretraining's length buys."""
     rate = best_rate(report["lr_sweep"]["package"]["pretrained"], "package")
-    final = json.loads((ENCODER / "trainer_state.json").read_text())["global_step"]
+    final = saved_step(ENCODER)
     numbers = {str(final): report["lr_sweep"]["package"]["pretrained"][rate]}  # the final model: in the sweep
     for checkpoint in ENCODER.glob("checkpoint-*"):
-        steps = int(checkpoint.name.split("-")[1])
+        steps = saved_step(checkpoint)
         if steps != final:
             numbers[str(steps)] = finetune("package", "pretrained", float(rate), force, report["stages"],
                                            trunk=checkpoint, tag=f"_at{steps}")["validation"]

@@ -26,6 +26,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState, PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from data_prep.io import atomic_write_text
 from modeling.sizing import format_duration, peak_flops_for_device
 
 if TYPE_CHECKING:
@@ -256,10 +257,7 @@ class EtaCallback(_StepTimer):
                 print(f"[eta] {step_seconds:.3f} s per step over steps {self._first_step + 1}-{state.global_step}: "
                       f"the {left:,} steps left take ~{format_duration(left * step_seconds)}", flush=True)
                 if self.path is not None:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    partial = self.path.with_name(self.path.name + ".partial")
-                    partial.write_text(json.dumps({"estimates": self.estimates}, indent=2) + "\n")
-                    partial.replace(self.path)
+                    atomic_write_text(self.path, json.dumps({"estimates": self.estimates}, indent=2) + "\n")
 
 
 def _any_non_finite(grads: list[torch.Tensor], device: torch.device | str) -> bool:
