@@ -27,6 +27,7 @@ from cli import ConfigError, parse_args, report_error
 from data_prep.documents import read_hub_documents
 from evaluation.perplexity import PerplexityResult, evaluate_path, evaluate_perplexity
 from modeling.loading import load_checkpoint, torch_dtype
+from training.run import keep_freed_memory
 
 
 @dataclass
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data is not None and not Path(args.data).exists():  # before loading a large model
             raise ValueError(f"{args.data}: no such file or folder")
         torch_dtype(args.dtype)
+        keep_freed_memory()  # each batch's logits reuse the last one's memory instead of faulting in new pages
         options = dict(window=args.window, stride=args.stride, batch_size=args.batch_size,
                        max_documents=args.max_documents, concatenate=args.concatenate)
         model, tokenizer = load_checkpoint(args.model, args.tokenizer, device=args.device, dtype=args.dtype,

@@ -54,6 +54,7 @@ from reporting.stages import (
     print_summary,
 )
 from training.plan import plan_run, probe_step_seconds
+from training.run import keep_freed_memory
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart_cpu.yaml"
 PATH_KEYS = ("output_dir", "data_config", "pretrain_config", "finetune_config")
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              path_keys=PATH_KEYS)
     except ConfigError as err:
         return report_error(err)
+    keep_freed_memory()  # before the plan's probe, so that it times the steps the run will take
     out = Path(args.output_dir)
     data_dir, pretrain_dir = out / "data", out / "pretrain"
     instructions_dir, finetune_dir = out / "instructions", out / "finetune"
