@@ -71,12 +71,15 @@ def window_ratios(history: list[dict]) -> dict[str, float]:
 
 
 def tables(rows: list[dict]) -> list[str]:
-    lines = ["| run | at | s/step (window) | steps left | estimate | took | took / estimate | whole run / its "
-             "estimate | evaluations |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | at | s/step (window) | steps left | estimate | its range | took | took / estimate | "
+             "whole run / its estimate | evaluations |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         for e in row["estimates"]:
+            low, high = e.get("remaining_range_seconds") or (None, None)  # estimates written before it had one
+            inside = low is not None and low <= e["took_seconds"] <= high
+            spread = "-" if low is None else f"{low:.1f}-{high:.1f} s ({'in' if inside else 'out'})"
             lines.append(f"| {row['run']} | {e['fraction']:.0%} | {e['step_seconds']:.3f} ({e['window'][0]}-"
-                         f"{e['window'][1]}) | {e['remaining_steps']:,} | {e['remaining_seconds']:.1f} s | "
+                         f"{e['window'][1]}) | {e['remaining_steps']:,} | {e['remaining_seconds']:.1f} s | {spread} | "
                          f"{e['took_seconds']:.1f} s | {e['took_over_estimate']:.3f} | {e['run_over_estimate']:.3f} | "
                          f"{e['evaluations_seconds']:.1f} s |")
     lines += ["", "| run | " + " | ".join(f"window {f:.0%}" for f in FRACTIONS) + " |",
@@ -102,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         args.output.with_suffix(".md").write_text("\n".join([
             "# How close the pretraining ETA came", "",
             f"Machine: {machine['cpu']}, {machine['cores']} cores. Command: `{command}`. "
-            "Each estimate (training.callbacks.EtaCallback: the mean step time so far times the steps left) against "
-            "what the steps left took (evaluations in between left out and listed); then, from each run's logged "
+            "Each estimate (training.callbacks.EtaCallback: the mean step time so far times the steps left; its range "
+            "the steps left at the pace of the window's fastest and slowest quarter) against what the steps left took "
+            "(evaluations in between left out and listed); then, from each run's logged "
             "throughput, the same ratio had the window been the first 5-50% of the steps.", "", *lines, ""]))
     return 0
 

@@ -252,6 +252,10 @@ def test_eta_callback_estimates_the_rest_at_a_tenth_a_quarter_and_half(tmp_path,
     assert [e["fraction"] for e in callback.estimates] == [0.1, 0.25, 0.5]
     assert [e["at_step"] for e in callback.estimates] == [12, 27, 52]
     assert [e["remaining_seconds"] for e in callback.estimates] == pytest.approx([45.0, 60.0, 45.0])
+    # The range: the steps left at the pace of the window's fastest and slowest quarter. At a tenth every step took
+    # 0.5 s; at a quarter the first quarter of steps 3-27 took 0.5 s a step, the last two 1 s.
+    assert [e["remaining_range_seconds"] for e in callback.estimates[:2]] == [pytest.approx([45.0, 45.0]),
+                                                                               pytest.approx([37.5, 75.0])]
     assert len(json.loads(path.read_text())["estimates"]) == 3
 
     short = EtaCallback(path=tmp_path / "short.json")  # no steps left after any window: no estimate

@@ -208,14 +208,16 @@ class ThroughputCallback(_StepTimer):
 
 class EtaCallback(_StepTimer):
     """Prints how long the rest of the run takes once `fractions` of its steps are done (a tenth, a quarter, a
-    half), each time from the mean seconds per step so far, and keeps those estimates.
+    half), each time from the mean seconds per step so far, with a range, and keeps those estimates.
 
     The mean leaves out the first `warmup_steps` (allocator warm-up, a resumed run's data skipping) and the time
     of evaluations and checkpoint saves; the estimate is that mean times the steps left. A probe of a few steps
     before a run cannot promise this: on a shared machine the speed of a few seconds moves by +-15%, and the
-    longer the window the closer the estimate (benchmarks/results/eta_check.md measures it). `estimates` holds
-    them in order; the main process also writes them to `path` when given, for a report to set against the run's
-    real duration. A fraction whose window would end at or after the last step gives none.
+    longer the window the closer the estimate (benchmarks/results/eta_check.md measures it). The range is the
+    steps left at the pace of the window's fastest and of its slowest quarter: how far the machine's speed moved
+    while it was watched. `estimates` holds them in order; the main process also writes them to `path` when
+    given, for a report to set against the run's real duration. A fraction whose window would end at or after the
+    last step gives none.
     """
 
     def __init__(self, fractions: tuple[float, ...] = (0.1, 0.25, 0.5), warmup_steps: int = 2, min_steps: int = 10,
@@ -227,11 +229,10 @@ class EtaCallback(_StepTimer):
         self.estimates: list[dict[str, Any]] = []
         self._begin = self._first_step = None
         self._marks: dict[int, float] = {}  # step -> the fraction whose window ends there
-        self._seconds = 0.0
-        self._steps = 0
+        self._durations: list[float] = []  # of the timed steps, in order
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._begin, self._last_step_end, self._seconds, self._steps, self.estimates = self.clock(), None, 0.0, 0, []
+        self._begin, self._last_step_end, self._durations, self.estimates = self.clock(), None, [], []
         self._first_step = state.global_step + self.warmup_steps  # the last step left out of the timing
         left = state.max_steps - self._first_step
         self._marks = {}
@@ -241,21 +242,25 @@ class EtaCallback(_StepTimer):
     def on_step_end(self, args, state, control, **kwargs):
         _synchronize_cuda()
         now = self.clock()
-        if self._last_step_end is not None and state.global_step > self._first_step:
-            self._seconds += now - self._last_step_end
-            self._steps += 1
+        if self._last_step_end is not None and self._first_step < state.global_step <= max(self._marks, default=0):
+            self._durations.append(now - self._last_step_end)
         self._last_step_end = now
-        if state.global_step in self._marks and state.global_step < state.max_steps and self._steps:
-            step_seconds = self._seconds / self._steps
+        if state.global_step in self._marks and state.global_step < state.max_steps and self._durations:
+            step_seconds = sum(self._durations) / len(self._durations)
+            ends = [round(i * len(self._durations) / 4) for i in range(5)]  # the window's quarters
+            paces = [sum(self._durations[a:b]) / (b - a) for a, b in zip(ends, ends[1:]) if b > a]
             left = state.max_steps - state.global_step
+            low, high = left * min(paces), left * max(paces)
             self.estimates.append({
                 "fraction": self._marks[state.global_step], "step_seconds": step_seconds,
                 "window": [self._first_step + 1, state.global_step], "at_step": state.global_step,
                 "elapsed_seconds": now - self._begin, "at_time": time.time(), "remaining_steps": left,
-                "remaining_seconds": left * step_seconds})
+                "remaining_seconds": left * step_seconds, "remaining_range_seconds": [low, high]})
             if state.is_world_process_zero:
                 print(f"[eta] {step_seconds:.3f} s per step over steps {self._first_step + 1}-{state.global_step}: "
-                      f"the {left:,} steps left take ~{format_duration(left * step_seconds)}", flush=True)
+                      f"the {left:,} steps left take ~{format_duration(left * step_seconds)} "
+                      f"({format_duration(low)} to {format_duration(high)} at the pace of the window's "
+                      "fastest and slowest quarter)", flush=True)
                 if self.path is not None:
                     atomic_write_text(self.path, json.dumps({"estimates": self.estimates}, indent=2) + "\n")
 
