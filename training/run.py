@@ -17,7 +17,7 @@ and finish.
   `finish(train(resume))`; a Ctrl-C ends in one line naming the checkpoint that resumes it, a `ConfigError` (a busy
   folder, a broken checkpoint, a full disk) in one `error:` line. The trainers need `StopOnInterrupt`.
 - `run_from_command_line`: a recipe run as a script, with the exit status a launcher reads from each rank.
-- `keep_freed_memory`: the C allocator keeps freed blocks for the next step (every recipe's process sets it).
+- `keep_freed_memory`: the C allocator keeps freed blocks for the next step (`recipe_main` sets it).
 """
 
 from __future__ import annotations
